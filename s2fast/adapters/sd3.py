@@ -1,0 +1,91 @@
+"""SD3 / SD3.5: SD3Transformer2DModel driven by StableDiffusion3Pipeline (diffusers 0.42).
+
+Model: ``transformer_blocks`` of JointTransformerBlock, called as ``block(hidden_states, encoder_hidden_states, temb,
+joint_attention_kwargs)`` and returning ``(encoder, hidden)``, encoder first; the last block is context_pre_only and
+returns encoder None. Every method below mirrors ``SD3Transformer2DModel.forward`` op for op, so a pass through
+them is bit-identical to the stock forward (tests check it).
+Pipeline: one transformer call per step on the rows [uncond, cond] (CFG) or [cond]; the pipeline's CFG line is
+``U + λ(C − U)``, so returning [D, D] makes it yield D exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from .base import BranchRows, FamilyAdapter, LaneState, StepRequest, model_output, split_lora_scale
+
+_UNSUPPORTED_INPUTS = {
+    "skip_layers": "the pipeline's own skip-layer guidance (skip_guidance_layers)",
+    "block_controlnet_hidden_states": "ControlNet residuals",
+}
+
+
+class SD3Adapter(FamilyAdapter):
+    name = "sd3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    model_classes = ("SD3Transformer2DModel",)
+    batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+    pipeline_locals = ("i", "timesteps", "skip_guidance_layers")
+
+    def blocks(self, model):
+        return list(model.transformer_blocks)
+
+    def embed(self, model, inputs: Dict[str, Any]) -> LaneState:
+        x = inputs["hidden_states"]
+        height, width = x.shape[-2:]
+        hidden = model.pos_embed(x).contiguous()  # as forward: PatchEmbed's output is non-contiguous
+        temb = model.time_text_embed(inputs["timestep"], inputs["pooled_projections"])
+        encoder = model.context_embedder(inputs["encoder_hidden_states"])
+        attention_kwargs, _ = split_lora_scale(inputs.get(self.attention_kwargs_key))
+        return LaneState([hidden, encoder], [temb], {"attention_kwargs": attention_kwargs, "size": (height, width)})
+
+    def run_block(self, block, flow, row_consts, shared):
+        encoder, hidden = block(
+            hidden_states=flow[0],
+            encoder_hidden_states=flow[1],
+            temb=row_consts[0],
+            joint_attention_kwargs=shared["attention_kwargs"],
+        )
+        return [hidden, encoder]
+
+    def head(self, model, state: LaneState) -> torch.Tensor:
+        hidden = model.norm_out(state.flow[0], state.row_consts[0])
+        hidden = model.proj_out(hidden)
+        p = model.config.patch_size
+        height, width = (s // p for s in state.shared["size"])
+        hidden = hidden.reshape(shape=(hidden.shape[0], height, width, p, p, model.out_channels))
+        hidden = torch.einsum("nhwpqc->nchpwq", hidden)
+        return hidden.reshape(shape=(hidden.shape[0], model.out_channels, height * p, width * p))
+
+    def skipped_block_output(self, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        encoder = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+        return encoder, hidden
+
+    def check_call(self, call_locals, inputs):
+        for key, what in _UNSUPPORTED_INPUTS.items():
+            if inputs.get(key) is not None:
+                raise ValueError(f"s2fast does not combine S² with {what}; unwrap the pipeline (s2fast.unwrap) to use it")
+        if call_locals["skip_guidance_layers"] is not None:
+            raise ValueError(
+                "skip_guidance_layers (the pipeline's skip-layer guidance) cannot be combined with S²: S² already "
+                "subtracts a skipped-block prediction. Use S2Config(masks=...) for fixed blocks, or s2fast.unwrap(pipe)"
+            )
+        kwargs = inputs.get(self.attention_kwargs_key) or {}
+        if "ip_adapter_image_embeds" in kwargs:
+            raise ValueError("s2fast does not support IP-Adapter yet; unwrap the pipeline (s2fast.unwrap) to use it")
+
+    def request(self, pipe, call_locals, inputs, memo) -> StepRequest:
+        cfg = bool(pipe.do_classifier_free_guidance)
+        count = 2 if cfg else 1
+        stacked = {k: inputs.get(k) for k in (*self.batched_inputs, self.attention_kwargs_key)}
+        return_dict = inputs.get("return_dict", True)
+
+        def respond(d: torch.Tensor):
+            # [D, D]: the pipeline's U + λ(C − U) then equals D bit for bit (D − D = 0).
+            return model_output(torch.cat([d, d]) if cfg else d, return_dict)
+
+        return StepRequest(BranchRows(self.batched_inputs, count, stacked=stacked),
+                           float(pipe.guidance_scale) if cfg else None, respond)

@@ -1,0 +1,188 @@
+"""S2Config: every option of S²-Guidance sampling, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence, Tuple, Union
+
+# One sub-network: the sorted block indices it drops.
+Mask = Tuple[int, ...]
+# One step: () for "S² off", a Mask (num_masks == 1), or a tuple of num_masks Masks (naive S², Eq. 3).
+StepMasks = Union[Mask, Tuple[Mask, ...]]
+
+FORK_MODES = ("join", "separate")
+
+
+@dataclass(frozen=True)
+class S2Config:
+    """Options of S²-Guidance (Chen et al. 2025, arXiv 2508.12880) for :func:`s2fast.wrap`.
+
+    Per denoising step, with the pipeline's own guidance scale λ::
+
+        D = D_u + λ (D_c − D_u) − ω (D_s − D_c)        (paper Eq. 4)
+        D = D_c − ω (D_s − D_c)                         (when the pipeline runs without CFG)
+
+    where D_s is the conditional prediction of a sub-network that skips a random set of transformer blocks
+    (a skipped block's output is its input). The sub-network is drawn afresh at every step.
+
+    Args:
+        omega: ω, the S² scale. Paper default 0.25. ``0`` turns S² off (no sub-network is computed, the result is
+            the pipeline's own CFG). Must be finite and ≥ 0.
+        drop_ratio: fraction of the droppable blocks each sub-network skips: ``round(drop_ratio · droppable)``
+            blocks, at least one. Paper default 0.1. Must lie in (0, 1).
+        protected_blocks: block indices that are never dropped (the paper keeps the first block). Indices are
+            positions in the family's ordered block list (Flux: the double-stream blocks, then the single-stream
+            ones). Checked against the model at :func:`~s2fast.wrap`.
+        num_masks: sub-networks per step. ``1`` is S² (Eq. 4); ``N > 1`` is naive S² (Eq. 3): D_s is the mean of
+            N sub-network predictions, each with its own mask.
+        interval: ``(start, stop)``, the fraction of the steps where S² applies: step ``i`` of ``n`` uses S² when
+            ``start ≤ i/n < stop``; the other steps run plain CFG. The paper's ablation finds the central
+            ``(0.1, 0.9)`` as good as ``(0.0, 1.0)`` (the default).
+        seed: seed of the mask generator, which is separate from the pipeline's ``generator`` (turning S² on never
+            changes the initial noise, nor torch's global RNG). The same seed gives the same masks on every call;
+            ``None`` draws fresh masks on each call. Step ``i``'s masks depend only on the seed and ``i``, so a
+            different ``interval`` keeps the masks of the steps both intervals share.
+        masks: explicit masks, one entry per denoising step, overriding sampling (and ``interval``): ``()`` turns S²
+            off at that step, a tuple of block indices drops those blocks (``num_masks == 1``), and with
+            ``num_masks > 1`` each entry is a tuple of ``num_masks`` such tuples. :func:`s2fast.trace` returns
+            exactly this form, so ``masks=s2fast.trace(pipe)`` replays a call. The length must equal the number
+            of steps of the call.
+        batch_branches: run the uncond, cond and sub-network rows in shared batched block calls (default). When
+            ``False`` every branch runs as its own batch-B pass, like separate forward calls; results agree up to
+            batch-size rounding (about 1e-6 relative in fp32).
+        reuse_prefix: the sub-network starts from the cond rows' cached state at its first dropped block instead of
+            recomputing the blocks before it (default). Exact: a block's output does not depend on the rows
+            beside it, up to batch-size rounding.
+        fork_mode: how the sub-network rows run after the fork, when ``batch_branches`` is on: ``"join"`` appends
+            them to the uncond/cond batch (one call per block at batch 3B); ``"separate"`` gives them their own
+            batch-B call per block (and keeps the uncond/cond rows bit-identical to the stock forward).
+    """
+
+    omega: float = 0.25
+    drop_ratio: float = 0.1
+    protected_blocks: Tuple[int, ...] = (0,)
+    num_masks: int = 1
+    interval: Tuple[float, float] = (0.0, 1.0)
+    seed: Optional[int] = None
+    masks: Optional[Tuple[StepMasks, ...]] = None
+    batch_branches: bool = True
+    reuse_prefix: bool = True
+    fork_mode: str = "join"
+    # Derived by __post_init__: every explicit mask as a tuple of sub-network masks (() when S² is off).
+    _step_masks: Optional[Tuple[Tuple[Mask, ...], ...]] = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_real("omega", self.omega)
+        if self.omega < 0:
+            raise ValueError(f"S2Config.omega must be >= 0 (it scales the subtracted sub-network term), got {self.omega}")
+        _check_real("drop_ratio", self.drop_ratio)
+        if not 0.0 < self.drop_ratio < 1.0:
+            raise ValueError(f"S2Config.drop_ratio must lie in (0, 1), got {self.drop_ratio}")
+        if not _is_int(self.num_masks) or self.num_masks < 1:
+            raise ValueError(f"S2Config.num_masks must be an integer >= 1, got {self.num_masks!r}")
+        object.__setattr__(self, "protected_blocks", _index_tuple("protected_blocks", self.protected_blocks))
+        object.__setattr__(self, "interval", _interval(self.interval))
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"S2Config.seed must be an integer or None, got {self.seed!r}")
+        for name in ("batch_branches", "reuse_prefix"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"S2Config.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.fork_mode not in FORK_MODES:
+            raise ValueError(f"S2Config.fork_mode must be one of {FORK_MODES}, got {self.fork_mode!r}")
+        if self.masks is not None:
+            if self.interval != (0.0, 1.0):
+                raise ValueError(
+                    "S2Config: give either masks or interval, not both (explicit masks already say, step by step, "
+                    "where S² applies: use () for the steps outside your interval)"
+                )
+            steps = tuple(_step_masks(i, entry, self.num_masks) for i, entry in enumerate(_as_sequence("masks", self.masks)))
+            object.__setattr__(self, "_step_masks", steps)
+            object.__setattr__(self, "masks", tuple(public_step_form(s, self.num_masks) for s in steps))
+
+    def replace(self, **changes) -> "S2Config":
+        """A copy with some fields changed (validated like the original)."""
+        return replace(self, **changes)
+
+    def check_blocks(self, num_blocks: int) -> None:
+        """Validate the block indices against a model with ``num_blocks`` blocks (called by wrap)."""
+        for b in self.protected_blocks:
+            if b >= num_blocks:
+                raise ValueError(f"S2Config.protected_blocks names block {b}, but the model has {num_blocks} blocks")
+        if len(set(self.protected_blocks)) >= num_blocks:
+            raise ValueError(
+                f"S2Config.protected_blocks {self.protected_blocks} covers all {num_blocks} blocks: nothing can be dropped"
+            )
+        for i, step in enumerate(self._step_masks or ()):
+            for mask in step:
+                for b in mask:
+                    if b >= num_blocks:
+                        raise ValueError(f"S2Config.masks[{i}] drops block {b}, but the model has {num_blocks} blocks")
+                    if b in self.protected_blocks:
+                        raise ValueError(f"S2Config.masks[{i}] drops block {b}, which protected_blocks protects")
+                if len(mask) >= num_blocks:
+                    raise ValueError(f"S2Config.masks[{i}] drops every block of the model")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_real(name: str, x) -> None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ValueError(f"S2Config.{name} must be a finite number, got {x!r}")
+
+
+def _as_sequence(name: str, x) -> Sequence:
+    if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
+        raise ValueError(f"S2Config.{name} must be a tuple or list, got {type(x).__name__}")
+    return x
+
+
+def _index_tuple(name: str, x) -> Tuple[int, ...]:
+    items = _as_sequence(name, x)
+    for b in items:
+        if not _is_int(b) or b < 0:
+            raise ValueError(f"S2Config.{name} must hold non-negative block indices, got {b!r}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"S2Config.{name} repeats a block index: {tuple(items)}")
+    return tuple(sorted(items))
+
+
+def _interval(x) -> Tuple[float, float]:
+    items = _as_sequence("interval", x)
+    if len(items) != 2:
+        raise ValueError(f"S2Config.interval must be (start, stop), got {tuple(items)!r}")
+    start, stop = items
+    _check_real("interval", start)
+    _check_real("interval", stop)
+    if not (0.0 <= start < stop <= 1.0):
+        raise ValueError(f"S2Config.interval must satisfy 0 <= start < stop <= 1, got ({start}, {stop})")
+    return (float(start), float(stop))
+
+
+def _step_masks(i: int, entry, num_masks: int) -> Tuple[Mask, ...]:
+    """Normalise one step's entry of S2Config.masks to a tuple of sorted masks (() when S² is off)."""
+    entry = _as_sequence(f"masks[{i}]", entry)
+    if len(entry) == 0:
+        return ()
+    nested = all(isinstance(m, (tuple, list)) for m in entry)
+    if num_masks == 1:
+        if nested:
+            raise ValueError(f"S2Config.masks[{i}] is a tuple of masks, but num_masks is 1: give one tuple of block indices")
+        return (_index_tuple(f"masks[{i}]", entry),)
+    if not nested or len(entry) != num_masks:
+        raise ValueError(
+            f"S2Config.masks[{i}] must be () or a tuple of num_masks={num_masks} tuples of block indices, got {tuple(entry)!r}"
+        )
+    masks = tuple(_index_tuple(f"masks[{i}]", m) for m in entry)
+    for m in masks:
+        if not m:
+            raise ValueError(f"S2Config.masks[{i}] holds an empty mask; use () for the whole step to turn S² off")
+    return masks
+
+
+def public_step_form(step: Tuple[Mask, ...], num_masks: int) -> StepMasks:
+    if not step:
+        return ()
+    return step[0] if num_masks == 1 else step

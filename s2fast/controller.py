@@ -1,0 +1,120 @@
+"""The per-pipeline controller behind s2fast.wrap: it stands in for the transformer's forward.
+
+wrap sets an *instance* attribute ``forward`` on ``pipe.transformer`` (what diffusers' own HookRegistry does), so
+the pipeline object, its config, ``.to()``, ``save_pretrained`` and the transformer's class all stay as they were;
+unwrap deletes the attribute. A call that does not come from the wrapped pipeline's denoising loop (a direct
+``pipe.transformer(...)``, another pipeline sharing the transformer) runs the stock forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import masks as mask_sampling
+from .adapters.base import FamilyAdapter, StepRequest
+from .config import Mask, S2Config, public_step_form
+from .engine import EngineOptions, predict
+
+# predictor(adapter, model, rows, subnets, options) -> [branch predictions..., sub-network predictions...]
+Predictor = Callable[..., List[torch.Tensor]]
+
+
+@dataclass
+class _Run:
+    """The state of one pipeline call: its mask schedule, what it used, and a value to serve a follow-up call."""
+
+    timesteps: Any
+    schedule: List[Tuple[Mask, ...]]
+    trace: List[Tuple[Mask, ...]]
+    memo: Dict[str, Any] = field(default_factory=dict)
+    served: Optional[Tuple[int, torch.Tensor, int]] = None  # (step, D, follow-up calls left)
+
+
+class Controller:
+    def __init__(self, pipe, adapter: FamilyAdapter, config: S2Config, predictor: Predictor = predict):
+        self.pipe_ref = weakref.ref(pipe)
+        self.model = pipe.transformer
+        self.adapter = adapter
+        self.config = config
+        self.predictor = predictor
+        self.num_blocks = adapter.num_blocks(self.model)
+        self._signature = inspect.signature(type(self.model).forward)
+        self._run: Optional[_Run] = None
+        self.last_trace: Tuple = ()
+
+    # --- installation ------------------------------------------------------------------------------------
+    def install(self) -> None:
+        self.model.forward = self.forward  # nn.Module.__setattr__ stores a plain attribute for a bound method
+
+    def uninstall(self) -> None:
+        if self.model.__dict__.get("forward") == self.forward:
+            del self.model.__dict__["forward"]
+
+    def stock_forward(self, *args, **kwargs):
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+    @property
+    def options(self) -> EngineOptions:
+        c = self.config
+        return EngineOptions(c.batch_branches, c.reuse_prefix, c.fork_mode)
+
+    # --- the forward that the pipeline calls ------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        pipe = self.pipe_ref()
+        from .adapters.base import find_pipeline_locals
+
+        call_locals = find_pipeline_locals(pipe, self.adapter.pipeline_locals) if pipe is not None else None
+        if call_locals is None:
+            return self.stock_forward(*args, **kwargs)
+        inputs = self._signature.bind(self.model, *args, **kwargs).arguments
+        inputs.pop("self", None)
+        self.adapter.check_call(call_locals, inputs)
+        run = self._run_for(call_locals)
+        step = int(call_locals["i"])
+        if self.adapter.is_follow_up(call_locals, inputs):
+            return self._serve(run, step, inputs)
+        request = self.adapter.request(pipe, call_locals, inputs, run.memo)
+        subnets = run.schedule[step]
+        d = self._guided(request, subnets)
+        run.trace[step] = subnets
+        follow_ups = request.notes.get("follow_ups", 0)
+        run.served = (step, d, follow_ups) if follow_ups else None
+        return request.respond(d)
+
+    def _guided(self, request: StepRequest, subnets: Tuple[Mask, ...]) -> torch.Tensor:
+        from .kernels import guided_prediction
+
+        preds = self.predictor(self.adapter, self.model, request.rows, subnets, self.options)
+        branches = request.rows.count
+        cond = preds[branches - 1]
+        uncond = preds[0] if branches == 2 else None
+        return guided_prediction(cond, uncond, preds[branches:], request.guidance_scale, self.config.omega)
+
+    def _serve(self, run: _Run, step: int, inputs: Dict[str, Any]):
+        if run.served is None or run.served[0] != step or run.served[2] < 1:
+            raise RuntimeError(
+                f"s2fast: step {step} made a second transformer call before the first one; "
+                "the pipeline's loop is not the one s2fast supports"
+            )
+        _, d, left = run.served
+        run.served = (step, d, left - 1) if left > 1 else None
+        return self.adapter.follow_up_response(d, inputs)
+
+    def _run_for(self, call_locals) -> _Run:
+        timesteps = call_locals["timesteps"]
+        if self._run is None or self._run.timesteps is not timesteps:
+            # A new pipeline call: set_timesteps made a new tensor. Draw its masks before the first step runs, so
+            # a schedule error (explicit masks of the wrong length) is raised before anything is computed.
+            n = len(timesteps)
+            schedule = mask_sampling.schedule(self.config, n, self.num_blocks)
+            self._run = _Run(timesteps, schedule, [()] * n)
+            self.last_trace = self._run.trace
+        return self._run
+
+    def trace(self) -> Tuple:
+        return tuple(public_step_form(step, self.config.num_masks) for step in self.last_trace)

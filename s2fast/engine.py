@@ -1,0 +1,132 @@
+"""One denoising step's predictions: the branches (uncond, cond) and the sub-networks, with the shared prefix once.
+
+Rows are grouped in *lanes*: a lane is one batch that goes through the blocks together, made of *groups* of B rows
+(one group per branch or sub-network). With batch_branches on, uncond and cond share one lane; a sub-network is a
+copy ("fork") of the cond group's state at its first dropped block (reuse_prefix) or at block 0, and then joins the
+cond lane (fork_mode "join", batch 3B) or runs as a lane of its own ("separate"). At a block that some groups of a
+lane drop, the block runs on the other rows only and the dropped rows pass through unchanged.
+
+Block-rows per step (DESIGN.md §3), L blocks, d dropped, first dropped k: CFG 2L; three passes 2L + (L − d);
+this engine 2L + (L − k − d). The engine never names a model family: the adapter does all model-specific work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .adapters.base import BranchRows, FamilyAdapter, LaneState, lora_scale_context, split_lora_scale
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    batch_branches: bool = True
+    reuse_prefix: bool = True
+    fork_mode: str = "join"
+
+
+@dataclass
+class _Group:
+    output: int                # index into the list of predictions this group produces
+    drops: frozenset = frozenset()
+
+
+@dataclass
+class _Lane:
+    state: LaneState
+    groups: List[_Group] = field(default_factory=list)
+
+
+def predict(
+    adapter: FamilyAdapter,
+    model,
+    rows: BranchRows,
+    subnets: Sequence[Tuple[int, ...]],
+    options: EngineOptions = EngineOptions(),
+) -> List[torch.Tensor]:
+    """Predictions for every branch of ``rows`` (in order), then one per mask in ``subnets`` (the cond branch with
+    those blocks skipped)."""
+    first = rows.branch(0).get(adapter.attention_kwargs_key)
+    _, lora_scale = split_lora_scale(first)
+    with lora_scale_context(model, lora_scale):
+        return _predict(adapter, model, rows, subnets, options)
+
+
+def _predict(adapter, model, rows: BranchRows, subnets, options: EngineOptions) -> List[torch.Tensor]:
+    blocks = adapter.blocks(model)
+    b = rows.rows_per_branch
+    stacked = rows.stacked() if options.batch_branches and rows.count > 1 else None
+    if stacked is not None or rows.count == 1:
+        lanes = [_Lane(adapter.embed(model, stacked or rows.branch(0)), [_Group(j) for j in range(rows.count)])]
+    else:
+        lanes = [_Lane(adapter.embed(model, rows.branch(j)), [_Group(j)]) for j in range(rows.count)]
+    cond_output = rows.count - 1
+    forks = sorted(
+        ((min(mask) if options.reuse_prefix else 0), rows.count + m, frozenset(mask)) for m, mask in enumerate(subnets)
+    )
+    joined = options.batch_branches and options.fork_mode == "join"
+    for j, block in enumerate(blocks):
+        while forks and forks[0][0] == j:
+            _, output, drops = forks.pop(0)
+            _fork(lanes, cond_output, b, _Group(output, drops), joined)
+        for lane in lanes:
+            _run_block(adapter, block, j, lane, b)
+    predictions: List[Optional[torch.Tensor]] = [None] * (rows.count + len(subnets))
+    for lane in lanes:
+        out = adapter.head(model, lane.state)
+        for g, group in enumerate(lane.groups):
+            predictions[group.output] = out.narrow(0, g * b, b)
+    return predictions
+
+
+def _fork(lanes: List[_Lane], cond_output: int, b: int, group: _Group, joined: bool) -> None:
+    """Copy the cond group's current state into a new group: appended to the cond lane, or as a lane of its own."""
+    lane = next(lane for lane in lanes if any(g.output == cond_output for g in lane.groups))
+    pos = next(i for i, g in enumerate(lane.groups) if g.output == cond_output)
+    take = lambda t: t.narrow(0, pos * b, b)  # noqa: E731
+    state = lane.state
+    if joined:
+        state.flow = [None if t is None else torch.cat([t, take(t)]) for t in state.flow]
+        state.row_consts = [torch.cat([t, take(t)]) for t in state.row_consts]
+        lane.groups.append(group)
+    else:
+        flow = [None if t is None else take(t) for t in state.flow]
+        lanes.append(_Lane(LaneState(flow, [take(t) for t in state.row_consts], state.shared), [group]))
+
+
+def _run_block(adapter, block, j: int, lane: _Lane, b: int) -> None:
+    active = [i for i, g in enumerate(lane.groups) if j not in g.drops]
+    state = lane.state
+    if len(active) == len(lane.groups):
+        state.flow = adapter.run_block(block, state.flow, state.row_consts, state.shared)
+        return
+    if not active:
+        return
+    if active == list(range(len(active))):  # the common case: the dropping rows are the last ones
+        n = len(active) * b
+        part = adapter.run_block(block, [_rows(t, n) for t in state.flow], [t[:n] for t in state.row_consts], state.shared)
+        state.flow = [None if new is None else torch.cat([new, old[n:]]) for new, old in zip(part, state.flow)]
+        return
+    index = torch.cat([torch.arange(i * b, (i + 1) * b) for i in active]).to(state.row_consts[0].device)
+    part = adapter.run_block(
+        block,
+        [None if t is None else t.index_select(0, index) for t in state.flow],
+        [t.index_select(0, index) for t in state.row_consts],
+        state.shared,
+    )
+    state.flow = [None if new is None else old.index_copy(0, index, new) for new, old in zip(part, state.flow)]
+
+
+def _rows(t: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    return None if t is None else t[:n]
+
+
+def block_rows(num_blocks: int, branches: int, subnets: Sequence[Tuple[int, ...]], reuse_prefix: bool = True) -> int:
+    """Block-rows (per row of batch) one step needs: the cost model of DESIGN.md §3, for benchmarks and notes."""
+    total = branches * num_blocks
+    for mask in subnets:
+        start = min(mask) if reuse_prefix else 0
+        total += num_blocks - start - len(mask)
+    return total

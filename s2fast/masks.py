@@ -1,0 +1,58 @@
+"""Which blocks each step's sub-networks drop: sampling (seeded, separate from every torch RNG) and schedules."""
+
+from __future__ import annotations
+
+import random
+import secrets
+from typing import List, Tuple
+
+from .config import Mask, S2Config
+
+
+def num_dropped(drop_ratio: float, droppable: int) -> int:
+    """round(drop_ratio · droppable) blocks, at least one (half rounds up, unlike Python's banker's round)."""
+    return max(1, min(droppable, int(drop_ratio * droppable + 0.5)))
+
+
+def droppable_blocks(num_blocks: int, protected: Tuple[int, ...]) -> Tuple[int, ...]:
+    return tuple(b for b in range(num_blocks) if b not in protected)
+
+
+def in_interval(step: int, num_steps: int, interval: Tuple[float, float]) -> bool:
+    """start ≤ step/num_steps < stop, compared without dividing (so 0.25 · 8 = 2 is exact)."""
+    start, stop = interval
+    return start * num_steps <= step < stop * num_steps
+
+
+def step_rng(seed: int, step: int) -> random.Random:
+    # One stream per (seed, step): step i's masks do not depend on how many masks earlier steps drew, so a
+    # different interval or num_inference_steps keeps the masks of the steps it shares.
+    return random.Random(f"s2fast/{seed}/{step}")
+
+
+def sample_step(seed: int, step: int, cfg: S2Config, num_blocks: int) -> Tuple[Mask, ...]:
+    """num_masks independent masks for one step, each drawn uniformly without replacement."""
+    candidates = droppable_blocks(num_blocks, cfg.protected_blocks)
+    k = num_dropped(cfg.drop_ratio, len(candidates))
+    rng = step_rng(seed, step)
+    return tuple(tuple(sorted(rng.sample(candidates, k))) for _ in range(cfg.num_masks))
+
+
+def schedule(cfg: S2Config, num_steps: int, num_blocks: int) -> List[Tuple[Mask, ...]]:
+    """The sub-network masks of every step of one pipeline call; () where S² is off.
+
+    Raises ValueError when explicit masks do not cover exactly ``num_steps`` steps.
+    """
+    if cfg.omega == 0:
+        return [()] * num_steps
+    if cfg._step_masks is not None:
+        if len(cfg._step_masks) != num_steps:
+            raise ValueError(
+                f"S2Config.masks has {len(cfg._step_masks)} entries, but this call runs {num_steps} denoising steps"
+            )
+        return list(cfg._step_masks)
+    seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
+    return [
+        sample_step(seed, i, cfg, num_blocks) if in_interval(i, num_steps, cfg.interval) else ()
+        for i in range(num_steps)
+    ]

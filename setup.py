@@ -1,0 +1,30 @@
+"""Builds the optional CUDA C++ extension (csrc/) only on request: S2FAST_BUILD_CUDA=1 pip install -e .
+
+Without that flag this is a plain Python package: the extension is never required at import, and every op falls
+back to Triton or the torch reference. TORCH_CUDA_ARCH_LIST selects the architectures (e.g. "9.0" for Hopper).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+
+def cuda_extensions():
+    if os.environ.get("S2FAST_BUILD_CUDA", "0") != "1":
+        return [], {}
+    sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
+    if not sources:
+        raise SystemExit("S2FAST_BUILD_CUDA=1 but csrc/ has no sources to build")
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # torch only when building
+
+    ext = CUDAExtension(
+        "s2fast._C",
+        sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

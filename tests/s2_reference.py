@@ -1,0 +1,99 @@
+"""Plain three-pass S² sampling loops, written for the tests independently of s2fast's engine.
+
+Each step calls the stock transformer forward three times: uncond, cond, and cond with the masked blocks skipped
+(a skipped block returns its inputs), combines Eq. 4 in the pipelines' op order and steps a fresh scheduler. Latents
+come from the pipeline's own prepare_latents with the same generator seed, so they match a pipeline call.
+"""
+
+import contextlib
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+
+@contextlib.contextmanager
+def skipping(blocks, indices):
+    """Blocks at ``indices`` return (encoder, hidden) unchanged; SD3 and Flux blocks both return encoder first."""
+
+    def identity(*args, hidden_states=None, encoder_hidden_states=None, **kwargs):
+        return encoder_hidden_states, hidden_states
+
+    try:
+        for i in indices:
+            blocks[i].forward = identity
+        yield
+    finally:
+        for i in indices:
+            del blocks[i].forward
+
+
+def combine(u, c, subs, lam, omega):
+    d = c if u is None else u + lam * (c - u)
+    if subs:
+        s = subs[0] if len(subs) == 1 else torch.stack(subs).mean(dim=0)
+        d = d - omega * (s - c)
+    return d
+
+
+def step_masks(masks, num_masks=1):
+    """Config-form masks -> list of per-step lists of masks."""
+    out = []
+    for m in masks:
+        if not m:
+            out.append([])
+        elif num_masks == 1:
+            out.append([tuple(m)])
+        else:
+            out.append([tuple(x) for x in m])
+    return out
+
+
+def sd3_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, width, num_masks=1, cfg=True):
+    model = pipe.transformer
+    blocks = list(model.transformer_blocks)
+    dtype = emb["prompt_embeds"].dtype
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    latents = pipe.prepare_latents(1, model.config.in_channels, height, width, dtype, "cpu",
+                                   torch.Generator().manual_seed(seed))
+
+    def run(pe, pooled, t, skip=()):
+        with skipping(blocks, skip):
+            return model(hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=pe,
+                         pooled_projections=pooled, return_dict=False)[0]
+
+    for i, t in enumerate(sched.timesteps):
+        u = run(emb["negative_prompt_embeds"], emb["negative_pooled_prompt_embeds"], t) if cfg else None
+        c = run(emb["prompt_embeds"], emb["pooled_prompt_embeds"], t)
+        subs = [run(emb["prompt_embeds"], emb["pooled_prompt_embeds"], t, m) for m in step_masks(masks, num_masks)[i]]
+        latents = sched.step(combine(u, c, subs, lam, omega), t, latents, return_dict=False)[0]
+    return latents
+
+
+def flux_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, width, num_masks=1, cfg=True):
+    model = pipe.transformer
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    dtype = emb["prompt_embeds"].dtype
+    latents, img_ids = pipe.prepare_latents(1, model.config.in_channels // 4, height, width, dtype, "cpu",
+                                            torch.Generator().manual_seed(seed))
+    txt_ids = torch.zeros(emb["prompt_embeds"].shape[1], 3, dtype=dtype)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    c = sched.config
+    mu = calculate_shift(latents.shape[1], c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    guidance = torch.full([1], 3.5) if model.config.guidance_embeds else None
+
+    def run(pe, pooled, t, skip=()):
+        with skipping(blocks, skip):
+            return model(hidden_states=latents, timestep=t.expand(1).to(dtype) / 1000, guidance=guidance,
+                         pooled_projections=pooled, encoder_hidden_states=pe, txt_ids=txt_ids, img_ids=img_ids,
+                         return_dict=False)[0]
+
+    for i, t in enumerate(sched.timesteps):
+        u = run(emb["negative_prompt_embeds"], emb["negative_pooled_prompt_embeds"], t) if cfg else None
+        c = run(emb["prompt_embeds"], emb["pooled_prompt_embeds"], t)
+        subs = [run(emb["prompt_embeds"], emb["pooled_prompt_embeds"], t, m) for m in step_masks(masks, num_masks)[i]]
+        latents = sched.step(combine(u, c, subs, lam, omega), t, latents, return_dict=False)[0]
+    return latents

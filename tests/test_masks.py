@@ -1,0 +1,62 @@
+"""The mask sampler: counts, protected blocks, uniformity, determinism, schedules."""
+
+import collections
+
+import pytest
+
+from s2fast import S2Config
+from s2fast.masks import in_interval, num_dropped, sample_step, schedule
+
+
+@pytest.mark.parametrize("ratio, droppable, expected", [
+    (0.1, 23, 2),   # SD3-medium: 24 blocks, block 0 protected -> 2 dropped (DESIGN.md §3)
+    (0.1, 56, 6),   # Flux.1: 57 blocks
+    (0.1, 5, 1),    # 0.5 rounds up, and at least one block is always dropped
+    (0.01, 5, 1),
+    (0.5, 5, 3),
+    (0.99, 3, 3),
+])
+def test_number_of_dropped_blocks(ratio, droppable, expected):
+    assert num_dropped(ratio, droppable) == expected
+
+
+def test_masks_are_sorted_unique_unprotected_and_uniform():
+    cfg = S2Config(protected_blocks=(0, 5), drop_ratio=0.2)
+    counts = collections.Counter()
+    trials = 2000
+    for step in range(trials):
+        (mask,) = sample_step(seed=3, step=step, cfg=cfg, num_blocks=12)
+        assert list(mask) == sorted(set(mask)) and len(mask) == 2
+        assert not {0, 5} & set(mask)
+        counts.update(mask)
+    assert set(counts) == set(range(12)) - {0, 5}
+    expected = trials * 2 / 10
+    # Binomial(4000 draws, p=0.1) per block: sd ≈ 19; 6 sd bounds fail by chance with probability < 1e-8.
+    assert all(abs(c - expected) < 6 * 19 for c in counts.values())
+
+
+def test_same_seed_and_step_give_the_same_masks():
+    cfg = S2Config(num_masks=3)
+    assert sample_step(1, 4, cfg, 24) == sample_step(1, 4, cfg, 24)
+    assert len({sample_step(1, s, cfg, 24) for s in range(20)}) > 10
+    assert sample_step(1, 4, cfg, 24) != sample_step(2, 4, cfg, 24)
+
+
+def test_schedule_honours_interval_omega_zero_and_explicit_masks():
+    sched = schedule(S2Config(seed=0, interval=(0.1, 0.9)), 10, 24)
+    assert [bool(m) for m in sched] == [False] + [True] * 8 + [False]
+    assert schedule(S2Config(omega=0.0, seed=0), 5, 24) == [()] * 5
+    explicit = S2Config(masks=((1,), (), (2, 3)))
+    assert schedule(explicit, 3, 24) == [((1,),), (), ((2, 3),)]
+    with pytest.raises(ValueError, match="3 entries, but this call runs 4"):
+        schedule(explicit, 4, 24)
+    fresh = [schedule(S2Config(), 6, 24) for _ in range(4)]  # seed=None: new masks on every call
+    assert len({tuple(s) for s in fresh}) > 1
+
+
+@pytest.mark.parametrize("step, n, interval, inside", [
+    (2, 8, (0.25, 0.75), True), (6, 8, (0.25, 0.75), False), (1, 8, (0.25, 0.75), False),
+    (0, 28, (0.0, 1.0), True), (27, 28, (0.0, 1.0), True),
+])
+def test_interval_bounds_are_start_inclusive_stop_exclusive(step, n, interval, inside):
+    assert in_interval(step, n, interval) is inside
