@@ -54,9 +54,12 @@ class S2Config:
         reuse_prefix: the sub-network starts from the cond rows' cached state at its first dropped block instead of
             recomputing the blocks before it (default). Exact: a block's output does not depend on the rows
             beside it, up to batch-size rounding.
-        fork_mode: how the sub-network rows run after the fork, when ``batch_branches`` is on: ``"join"`` appends
-            them to the uncond/cond batch (one call per block at batch 3B); ``"separate"`` gives them their own
-            batch-B call per block (and keeps the uncond/cond rows bit-identical to the stock forward).
+        fork_mode: how the sub-network rows run after the fork, when ``batch_branches`` is on: ``"separate"``
+            (default) gives them their own batch-B call per block, which keeps the uncond/cond rows bit-identical to
+            the stock batched forward; ``"join"`` appends them to the uncond/cond batch (one call per block at
+            batch 3B). On a 2-core CPU one SD3 block at batch 3 cost as much as batch 2 plus batch 1 (23.1 vs
+            22.8 ms) and "separate" was as fast or faster per step (BENCHMARKS.md); GPUs, where fewer, larger
+            calls may win, are still to be measured.
     """
 
     omega: float = 0.25
@@ -68,7 +71,7 @@ class S2Config:
     masks: Optional[Tuple[StepMasks, ...]] = None
     batch_branches: bool = True
     reuse_prefix: bool = True
-    fork_mode: str = "join"
+    fork_mode: str = "separate"
     # Derived by __post_init__: every explicit mask as a tuple of sub-network masks (() when S² is off).
     _step_masks: Optional[Tuple[Tuple[Mask, ...], ...]] = field(default=None, init=False, repr=False, compare=False)
 

@@ -24,7 +24,7 @@ MASKS_4 = ((2,), (1, 3), (), (4,))  # fixed masks for 4 steps: a fork late, two 
 
 OPTIONS = {
     "default": ({}, BATCHED),
-    "separate-suffix": ({"fork_mode": "separate"}, BATCHED),
+    "joined-suffix": ({"fork_mode": "join"}, BATCHED),
     "no-prefix-reuse": ({"reuse_prefix": False}, BATCHED),
     "unbatched": ({"batch_branches": False}, EXACT),
     "unbatched-no-reuse": ({"batch_branches": False, "reuse_prefix": False}, EXACT),
@@ -148,12 +148,13 @@ def test_interval_is_honoured(family):
     assert s2fast.trace(family.pipe)[2:6] == trace[2:6]
 
 
-@pytest.mark.parametrize("batch_branches", [True, False])
-def test_num_masks_is_eq3_mean_of_subnetworks(family, batch_branches):
+@pytest.mark.parametrize("batch_branches, fork_mode", [(True, "join"), (True, "separate"), (False, "separate")])
+def test_num_masks_is_eq3_mean_of_subnetworks(family, batch_branches, fork_mode):
     # At block 2 the first and third sub-networks drop while the second runs: the engine's gather/scatter path.
     masks = (((2,), (3, 4), (2, 4)), (), ((1,), (1,), (4,)), ((3,), (2,), (1, 2)))
     expected = family.reference(masks, omega=0.5, num_masks=3)
-    s2fast.wrap(family.pipe, S2Config(omega=0.5, num_masks=3, masks=masks, batch_branches=batch_branches))
+    s2fast.wrap(family.pipe, S2Config(omega=0.5, num_masks=3, masks=masks, batch_branches=batch_branches,
+                                      fork_mode=fork_mode))
     torch.testing.assert_close(family(), expected, **(BATCHED if batch_branches else EXACT))
     assert s2fast.trace(family.pipe) == masks
     s2fast.wrap(family.pipe, S2Config(omega=0.5, num_masks=4, seed=2, drop_ratio=0.3))

@@ -60,3 +60,28 @@ def test_schedule_honours_interval_omega_zero_and_explicit_masks():
 ])
 def test_interval_bounds_are_start_inclusive_stop_exclusive(step, n, interval, inside):
     assert in_interval(step, n, interval) is inside
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(num_blocks=st.integers(2, 60), data=st.data())
+def test_sampled_masks_satisfy_the_config_for_any_model(num_blocks, data):
+    protected = data.draw(st.sets(st.integers(0, num_blocks - 1), max_size=num_blocks - 1))
+    ratio = data.draw(st.floats(0.01, 0.99))
+    num_masks = data.draw(st.integers(1, 4))
+    cfg = S2Config(protected_blocks=tuple(protected), drop_ratio=ratio, num_masks=num_masks)
+    cfg.check_blocks(num_blocks)
+    droppable = num_blocks - len(protected)
+    masks = sample_step(data.draw(st.integers(0, 2**32)), data.draw(st.integers(0, 100)), cfg, num_blocks)
+    assert len(masks) == num_masks
+    for mask in masks:
+        assert len(mask) == num_dropped(ratio, droppable) and 1 <= len(mask) <= droppable
+        assert list(mask) == sorted(set(mask)) and not set(mask) & protected and max(mask) < num_blocks
+    # Sampled masks are valid explicit masks: the trace form round-trips through S2Config.
+    public = masks[0] if num_masks == 1 else masks
+    again = S2Config(protected_blocks=tuple(protected), num_masks=num_masks, masks=(public, ()))
+    again.check_blocks(num_blocks)
+    assert again.masks == (public, ())

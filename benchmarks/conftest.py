@@ -1,0 +1,93 @@
+"""Benchmarks are not tests: run them with `make bench` (pytest-benchmark).
+
+On a shared machine the speed drifts over minutes, so a ratio between cases timed one after another is unreliable
+(we saw stock CFG move by 25 % between two runs). Each benchmark here therefore times *interleaved* rounds: every
+round runs each case once, in a shuffled order, and the ratio of a case to its baseline is the median over rounds
+of (case time / baseline time in the same round). pytest-benchmark's own table shows the time of a whole round;
+the terminal summary below shows the per-case medians and ratios, and writes them to .benchmarks/<name>.json.
+"""
+
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+RESULTS = {}  # group -> {"baseline": case, "cases": {case: {...}}}
+
+
+def environment():
+    import diffusers
+
+    return {
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@pytest.fixture
+def interleaved(benchmark):
+    """interleaved(group, cases, baseline, rounds, **extra): time ``cases`` ({name: zero-argument callable}) in
+    shuffled interleaved rounds under pytest-benchmark; returns {name: {"median_s", "ratio"}}."""
+
+    def run(group, cases, baseline, rounds, extra=None):
+        times = {name: [] for name in cases}
+        order = random.Random(0)
+
+        def one_round(record=True):
+            names = list(cases)
+            order.shuffle(names)
+            for name in names:
+                start = time.perf_counter()
+                cases[name]()
+                if record:
+                    times[name].append(time.perf_counter() - start)
+
+        one_round(record=False)  # warm-up: first-call allocations stay out of the numbers
+        benchmark.group = group
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+        base = times[baseline]
+        summary = {
+            name: {
+                "median_s": statistics.median(t),
+                "ratio": statistics.median(a / b for a, b in zip(t, base)),
+                **(extra or {}).get(name, {}),
+            }
+            for name, t in times.items()
+        }
+        benchmark.extra_info.update(environment(), cases=summary, rounds=rounds)
+        RESULTS[group] = {"baseline": baseline, "rounds": rounds, "cases": summary}
+        return summary
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("s2fast: interleaved medians and ratios (same run)")
+    env = environment()
+    tr.write_line(", ".join(f"{k} {v}" for k, v in env.items()))
+    for group, result in RESULTS.items():
+        tr.write_line(f"\n[{group}] {result['rounds']} rounds, ratio to {result['baseline']}")
+        tr.write_line(f"{'case':<26}{'ms':>10}{'ratio':>9}{'floor':>8}{'vs floor':>10}")
+        for case, r in result["cases"].items():
+            floor = r.get("floor_ratio")
+            over = f"{r['ratio'] / floor:>10.3f}" if floor else ""
+            floor_text = f"{floor:>8.3f}" if floor else f"{'':>8}"
+            tr.write_line(f"{case:<26}{r['median_s'] * 1e3:>10.1f}{r['ratio']:>9.3f}{floor_text}{over}")
+    out = Path(os.environ.get("S2FAST_BENCH_DIR", ".benchmarks"))
+    out.mkdir(exist_ok=True)
+    path = out / "s2fast_results.json"
+    path.write_text(json.dumps({"environment": env, "results": RESULTS}, indent=2))
+    tr.write_line(f"\nwritten to {path}")
