@@ -11,12 +11,12 @@ The block-row floor (DESIGN.md §3) of each case is in extra_info and in the sum
 
 import pytest
 import torch
+from s2fast.kernels import guided_prediction
 
 from s2fast import tiny
 from s2fast.adapters.base import BranchRows
 from s2fast.adapters.sd3 import SD3Adapter
 from s2fast.engine import EngineOptions, block_rows, predict
-from s2fast.kernels import guided_prediction
 from s2fast.reference import three_pass
 
 SHAPE = tiny.BENCH_SD3
@@ -92,5 +92,6 @@ def test_block_batch_scaling(interleaved, setup):
                 torch.randn(batch, SHAPE.text_tokens, SHAPE.hidden, generator=g),
                 torch.randn(batch, SHAPE.hidden, generator=g))
 
-    cases = {f"batch-{b}": (lambda x=inputs(b): block(*x)) for b in (1, 2, 3)}
+    batches = {b: inputs(b) for b in (1, 2, 3)}
+    cases = {f"batch-{b}": (lambda x=x: block(*x)) for b, x in batches.items()}
     interleaved("one SD3 block (hidden 256, 333 tokens) by batch", cases, "batch-1", 4 * ROUNDS)

@@ -3,8 +3,8 @@
 Rows are grouped in *lanes*: a lane is one batch that goes through the blocks together, made of *groups* of B rows
 (one group per branch or sub-network). With batch_branches on, uncond and cond share one lane; a sub-network is a
 copy ("fork") of the cond group's state at its first dropped block (reuse_prefix) or at block 0, and then runs as
-a lane of its own (fork_mode "separate", batch B) or joins the cond lane ("join", batch 3B). At a block that some groups of a
-lane drop, the block runs on the other rows only and the dropped rows pass through unchanged.
+a lane of its own (fork_mode "separate", batch B) or joins the cond lane ("join", batch 3B). At a block that some
+groups of a lane drop, the block runs on the other rows only and the dropped rows pass through unchanged.
 
 Block-rows per step (DESIGN.md §3), L blocks, d dropped, first dropped k: CFG 2L; three passes 2L + (L − d);
 this engine 2L + (L − k − d). The engine never names a model family: the adapter does all model-specific work.

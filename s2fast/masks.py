@@ -9,9 +9,10 @@ from typing import List, Tuple
 from .config import Mask, S2Config
 
 
-def num_dropped(drop_ratio: float, droppable: int) -> int:
-    """round(drop_ratio · droppable) blocks, at least one (half rounds up, unlike Python's banker's round)."""
-    return max(1, min(droppable, int(drop_ratio * droppable + 0.5)))
+def num_dropped(drop_ratio: float, droppable: int, num_blocks: int) -> int:
+    """round(drop_ratio · droppable) blocks (half up, unlike Python's banker's round), at least one, and never
+    every block of the model: a sub-network keeps at least one block (explicit masks obey the same rule)."""
+    return max(1, min(droppable, num_blocks - 1, int(drop_ratio * droppable + 0.5)))
 
 
 def droppable_blocks(num_blocks: int, protected: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -33,7 +34,7 @@ def step_rng(seed: int, step: int) -> random.Random:
 def sample_step(seed: int, step: int, cfg: S2Config, num_blocks: int) -> Tuple[Mask, ...]:
     """num_masks independent masks for one step, each drawn uniformly without replacement."""
     candidates = droppable_blocks(num_blocks, cfg.protected_blocks)
-    k = num_dropped(cfg.drop_ratio, len(candidates))
+    k = num_dropped(cfg.drop_ratio, len(candidates), num_blocks)
     rng = step_rng(seed, step)
     return tuple(tuple(sorted(rng.sample(candidates, k))) for _ in range(cfg.num_masks))
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from s2fast.kernels import guided_prediction
 
 

@@ -8,16 +8,17 @@ from s2fast import S2Config
 from s2fast.masks import in_interval, num_dropped, sample_step, schedule
 
 
-@pytest.mark.parametrize("ratio, droppable, expected", [
-    (0.1, 23, 2),   # SD3-medium: 24 blocks, block 0 protected -> 2 dropped (DESIGN.md §3)
-    (0.1, 56, 6),   # Flux.1: 57 blocks
-    (0.1, 5, 1),    # 0.5 rounds up, and at least one block is always dropped
-    (0.01, 5, 1),
-    (0.5, 5, 3),
-    (0.99, 3, 3),
+@pytest.mark.parametrize("ratio, droppable, blocks, expected", [
+    (0.1, 23, 24, 2),   # SD3-medium: 24 blocks, block 0 protected -> 2 dropped (DESIGN.md §3)
+    (0.1, 56, 57, 6),   # Flux.1: 57 blocks
+    (0.1, 5, 6, 1),     # 0.5 rounds up, and at least one block is always dropped
+    (0.01, 5, 6, 1),
+    (0.5, 5, 6, 3),
+    (0.99, 3, 4, 3),
+    (0.99, 4, 4, 3),    # nothing protected: the sub-network still keeps one block
 ])
-def test_number_of_dropped_blocks(ratio, droppable, expected):
-    assert num_dropped(ratio, droppable) == expected
+def test_number_of_dropped_blocks(ratio, droppable, blocks, expected):
+    assert num_dropped(ratio, droppable, blocks) == expected
 
 
 def test_masks_are_sorted_unique_unprotected_and_uniform():
@@ -78,7 +79,7 @@ def test_sampled_masks_satisfy_the_config_for_any_model(num_blocks, data):
     masks = sample_step(data.draw(st.integers(0, 2**32)), data.draw(st.integers(0, 100)), cfg, num_blocks)
     assert len(masks) == num_masks
     for mask in masks:
-        assert len(mask) == num_dropped(ratio, droppable) and 1 <= len(mask) <= droppable
+        assert len(mask) == num_dropped(ratio, droppable, num_blocks) and 1 <= len(mask) < num_blocks
         assert list(mask) == sorted(set(mask)) and not set(mask) & protected and max(mask) < num_blocks
     # Sampled masks are valid explicit masks: the trace form round-trips through S2Config.
     public = masks[0] if num_masks == 1 else masks
