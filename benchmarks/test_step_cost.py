@@ -32,7 +32,7 @@ def setup():
     torch.set_grad_enabled(False)
     pipe = tiny.sd3_pipeline(SHAPE, with_vae=False)
     model, adapter = pipe.transformer, SD3Adapter()
-    emb = tiny.sd3_embeddings(SHAPE)
+    emb = tiny.embeddings(SHAPE)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, SHAPE.latent_size, SHAPE.latent_size, generator=g)
     stacked = dict(

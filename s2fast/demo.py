@@ -3,6 +3,8 @@
 Runs the same prompt three ways — stock CFG, naive three-pass S², s2fast S² (same masks) — and prints the median
 per-step time of each, the ratios to CFG, the block-row floor of DESIGN.md §3 for the masks drawn, and the largest
 difference between the two S² results. Random weights: this shows cost and exactness, not image quality.
+A shared CPU drifts over seconds, so the methods run in interleaved rounds (each round runs all three, in a
+shuffled order) and a ratio is the median over rounds of the ratio measured within one round.
 
     python -m s2fast.demo            # the embedded default: 24 blocks, hidden 256, 32×32 latents, 77 text tokens
     python -m s2fast.demo --help
@@ -12,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import statistics
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -37,9 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--omega", type=float, default=0.25, help="S² scale ω (default 0.25, the paper's)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale λ (default 7.5, the paper's for SD3)")
     p.add_argument("--seed", type=int, default=0, help="noise and mask seed (default 0)")
-    p.add_argument("--repeats", type=int, default=1, help="runs of each method; the median step is reported")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three methods (default 3)")
     args = p.parse_args(argv)
-    for name in ("steps", "layers", "heads", "head_dim", "latent", "tokens", "repeats"):
+    for name in ("steps", "layers", "heads", "head_dim", "latent", "tokens", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.steps < 2:
@@ -49,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _timed_call(pipe, kwargs) -> (torch.Tensor, List[float]):
+def _timed_call(pipe, kwargs) -> Tuple[torch.Tensor, List[float]]:
     """One pipeline call; the time of each step from the pipeline's own step-end callback (the first step, which
     also pays for the call's set-up, is dropped)."""
     stamps: List[float] = []
@@ -67,11 +70,11 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                           latent_size=args.latent, text_tokens=args.tokens,
                           joint_attention_dim=args.heads * args.head_dim, pooled_dim=args.heads * args.head_dim)
     pipe = tiny.sd3_pipeline(shape, with_vae=False)
-    emb = tiny.sd3_embeddings(shape)
+    emb = tiny.embeddings(shape)
     params = sum(p.numel() for p in pipe.transformer.parameters())
 
     def kwargs(steps):
-        return dict(emb, **tiny.sd3_size(pipe, shape), num_inference_steps=steps, guidance_scale=args.guidance,
+        return dict(emb, **tiny.image_size(pipe, shape), num_inference_steps=steps, guidance_scale=args.guidance,
                     output_type="latent", generator=torch.Generator().manual_seed(args.seed))
 
     config = S2Config(omega=args.omega, seed=args.seed)
@@ -80,26 +83,33 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         "naive three-pass S²": lambda: wrap_three_pass(pipe, config),
         "s2fast S²": lambda: s2fast.wrap(pipe, config),
     }
-    times: Dict[str, List[float]] = {m: [] for m in methods}
+    step_times: Dict[str, List[float]] = {m: [] for m in methods}  # one median step time per round
     results: Dict[str, torch.Tensor] = {}
     traces = {}
-    with tqdm(total=len(methods) * (args.repeats + 1), desc="demo", unit="run") as bar:
-        for name, setup in methods.items():
+    order = random.Random(args.seed)
+    with tqdm(total=len(methods) * (args.rounds + 1), desc="demo", unit="run") as bar:
+        for setup in methods.values():
             setup()
             pipe(**kwargs(2))  # warm-up: first-call allocations and lazy imports stay out of the timings
             bar.update()
-            for _ in range(args.repeats):
-                results[name], step_times = _timed_call(pipe, kwargs(args.steps))
-                times[name] += step_times
+        for _ in range(args.rounds):
+            names = list(methods)
+            order.shuffle(names)
+            for name in names:
+                methods[name]()
+                results[name], times = _timed_call(pipe, kwargs(args.steps))
+                step_times[name].append(statistics.median(times))
+                if name != "stock CFG":
+                    traces[name] = s2fast.trace(pipe)
                 bar.update()
-            if name != "stock CFG":
-                traces[name] = s2fast.trace(pipe)
     s2fast.unwrap(pipe)
-    assert traces["naive three-pass S²"] == traces["s2fast S²"], "both S² runs must draw the same masks"
+    if traces["naive three-pass S²"] != traces["s2fast S²"]:
+        raise RuntimeError("s2fast demo: the two S² runs drew different masks; their results are not comparable")
     step_masks = [(m,) if m else () for m in traces["s2fast S²"]]
     cfg_rows = 2 * shape.num_layers * args.steps
     return dict(
-        shape=shape, params=params, times={m: statistics.median(t) for m, t in times.items()},
+        shape=shape, params=params, times={m: statistics.median(t) for m, t in step_times.items()},
+        ratios={m: [a / b for a, b in zip(t, step_times["stock CFG"])] for m, t in step_times.items()},
         floor=sum(block_rows(shape.num_layers, 2, s) for s in step_masks) / cfg_rows,
         naive_floor=sum(block_rows(shape.num_layers, 2, s, reuse_prefix=False) for s in step_masks) / cfg_rows,
         s2_difference=(results["s2fast S²"] - results["naive three-pass S²"]).abs().max().item(),
@@ -109,24 +119,24 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def report(args, r) -> str:
-    shape, times = r["shape"], r["times"]
-    cfg = times["stock CFG"]
+    shape, times, ratios = r["shape"], r["times"], r["ratios"]
     lines = [
         f"s2fast demo: SD3-shaped transformer, {shape.num_layers} blocks, hidden {shape.hidden}, "
         f"{shape.latent_size}×{shape.latent_size} latents, {shape.text_tokens} text tokens, "
         f"{r['params'] / 1e6:.1f} M parameters (random weights), fp32",
-        f"{args.steps} steps, λ={args.guidance}, ω={args.omega}, seed {args.seed}; masks: {r['masks']}",
+        f"{args.steps} steps, λ={args.guidance}, ω={args.omega}, seed {args.seed}, {args.rounds} interleaved rounds; "
+        f"masks: {r['masks']}",
         f"torch {torch.__version__} on {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads",
         "",
-        f"{'method':<22}{'ms/step':>10}{'vs CFG':>9}{'block-row floor':>17}",
-        f"{'stock CFG':<22}{cfg * 1e3:>10.1f}{1.0:>9.3f}{1.0:>17.3f}",
-        f"{'naive three-pass S²':<22}{times['naive three-pass S²'] * 1e3:>10.1f}"
-        f"{times['naive three-pass S²'] / cfg:>9.3f}{r['naive_floor']:>17.3f}",
-        f"{'s2fast S²':<22}{times['s2fast S²'] * 1e3:>10.1f}{times['s2fast S²'] / cfg:>9.3f}{r['floor']:>17.3f}",
+        f"{'method':<22}{'ms/step':>10}{'vs CFG':>9}{'(range over rounds)':>21}{'block-row floor':>17}",
+        *(f"{name:<22}{times[name] * 1e3:>10.1f}{statistics.median(ratios[name]):>9.3f}"
+          f"{f'({min(ratios[name]):.2f}–{max(ratios[name]):.2f})':>21}{floor:>17.3f}"
+          for name, floor in (("stock CFG", 1.0), ("naive three-pass S²", r["naive_floor"]), ("s2fast S²", r["floor"]))),
         "",
         f"largest |s2fast S² − naive S²| over the final latents: {r['s2_difference']:.3g} "
         f"(batch-size rounding; S² itself moved them by up to {r['s2_effect']:.3g} from CFG)",
+        "Timings on a shared CPU drift by ±10 % between runs; BENCHMARKS.md has 12-round interleaved numbers (make bench).",
     ]
     return "\n".join(lines)
 

@@ -46,7 +46,7 @@ def _vae(latent_channels: int):
 
 
 def sd3_pipeline(shape: SD3Shape = SD3Shape(), *, seed: int = 0, dtype=torch.float32, with_vae: bool = True):
-    """A StableDiffusion3Pipeline with a random SD3Transformer2DModel of ``shape``."""
+    """A StableDiffusion3Pipeline with a random SD3Transformer2DModel of ``shape``; see ``embeddings``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
@@ -65,8 +65,8 @@ def sd3_pipeline(shape: SD3Shape = SD3Shape(), *, seed: int = 0, dtype=torch.flo
     return pipe
 
 
-def sd3_embeddings(shape: SD3Shape = SD3Shape(), batch: int = 1, *, seed: int = 1, dtype=torch.float32) -> Dict:
-    """prompt / negative embeddings for ``sd3_pipeline`` (random, fixed by ``seed``)."""
+def embeddings(shape, batch: int = 1, *, seed: int = 1, dtype=torch.float32) -> Dict:
+    """prompt / negative embeddings for a pipeline of ``shape`` (random, fixed by ``seed``)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     return dict(
@@ -77,7 +77,8 @@ def sd3_embeddings(shape: SD3Shape = SD3Shape(), batch: int = 1, *, seed: int = 
     )
 
 
-def sd3_size(pipe, shape: SD3Shape = SD3Shape()) -> Dict[str, int]:
+def image_size(pipe, shape) -> Dict[str, int]:
+    """height and width arguments that give latents of ``shape.latent_size``."""
     side = shape.latent_size * pipe.vae_scale_factor
     return dict(height=side, width=side)
 
@@ -114,22 +115,6 @@ def flux_pipeline(shape: FluxShape = FluxShape(), *, seed: int = 0, dtype=torch.
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def flux_embeddings(shape: FluxShape = FluxShape(), batch: int = 1, *, seed: int = 1, dtype=torch.float32) -> Dict:
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
-    return dict(
-        prompt_embeds=r(batch, shape.text_tokens, shape.joint_attention_dim),
-        pooled_prompt_embeds=r(batch, shape.pooled_dim),
-        negative_prompt_embeds=r(batch, shape.text_tokens, shape.joint_attention_dim),
-        negative_pooled_prompt_embeds=r(batch, shape.pooled_dim),
-    )
-
-
-def flux_size(pipe, shape: FluxShape = FluxShape()) -> Dict[str, int]:
-    side = shape.latent_size * pipe.vae_scale_factor
-    return dict(height=side, width=side)
 
 
 def _cast(model, dtype):

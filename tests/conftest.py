@@ -69,14 +69,14 @@ class Family:
 def _sd3():
     shape = tiny.SD3Shape()
     pipe = tiny.sd3_pipeline(shape)
-    return Family("sd3", pipe, shape, tiny.sd3_embeddings(shape), tiny.sd3_size(pipe, shape), "guidance_scale",
+    return Family("sd3", pipe, shape, tiny.embeddings(shape), tiny.image_size(pipe, shape), "guidance_scale",
                   s2_reference.sd3_three_pass, shape.num_layers)
 
 
 def _flux():
     shape = tiny.FluxShape()
     pipe = tiny.flux_pipeline(shape)
-    return Family("flux", pipe, shape, tiny.flux_embeddings(shape), tiny.flux_size(pipe, shape), "true_cfg_scale",
+    return Family("flux", pipe, shape, tiny.embeddings(shape), tiny.image_size(pipe, shape), "true_cfg_scale",
                   s2_reference.flux_three_pass, shape.num_layers + shape.num_single_layers)
 
 

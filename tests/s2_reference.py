@@ -50,6 +50,17 @@ def step_masks(masks, num_masks=1):
     return out
 
 
+def _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg):
+    """The three-pass loop itself: run(prompt_embeds, pooled, t, skip) -> prediction at the current latents."""
+    for i, t in enumerate(sched.timesteps):
+        u = run(latents, emb["negative_prompt_embeds"], emb["negative_pooled_prompt_embeds"], t) if cfg else None
+        c = run(latents, emb["prompt_embeds"], emb["pooled_prompt_embeds"], t)
+        subs = [run(latents, emb["prompt_embeds"], emb["pooled_prompt_embeds"], t, m)
+                for m in step_masks(masks, num_masks)[i]]
+        latents = sched.step(combine(u, c, subs, lam, omega), t, latents, return_dict=False)[0]
+    return latents
+
+
 def sd3_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, width, num_masks=1, cfg=True):
     model = pipe.transformer
     blocks = list(model.transformer_blocks)
@@ -59,17 +70,12 @@ def sd3_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, width
     latents = pipe.prepare_latents(1, model.config.in_channels, height, width, dtype, "cpu",
                                    torch.Generator().manual_seed(seed))
 
-    def run(pe, pooled, t, skip=()):
+    def run(x, pe, pooled, t, skip=()):
         with skipping(blocks, skip):
-            return model(hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=pe,
+            return model(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=pe,
                          pooled_projections=pooled, return_dict=False)[0]
 
-    for i, t in enumerate(sched.timesteps):
-        u = run(emb["negative_prompt_embeds"], emb["negative_pooled_prompt_embeds"], t) if cfg else None
-        c = run(emb["prompt_embeds"], emb["pooled_prompt_embeds"], t)
-        subs = [run(emb["prompt_embeds"], emb["pooled_prompt_embeds"], t, m) for m in step_masks(masks, num_masks)[i]]
-        latents = sched.step(combine(u, c, subs, lam, omega), t, latents, return_dict=False)[0]
-    return latents
+    return _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg)
 
 
 def flux_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, width, num_masks=1, cfg=True):
@@ -85,15 +91,10 @@ def flux_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, widt
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     guidance = torch.full([1], 3.5) if model.config.guidance_embeds else None
 
-    def run(pe, pooled, t, skip=()):
+    def run(x, pe, pooled, t, skip=()):
         with skipping(blocks, skip):
-            return model(hidden_states=latents, timestep=t.expand(1).to(dtype) / 1000, guidance=guidance,
+            return model(hidden_states=x, timestep=t.expand(1).to(dtype) / 1000, guidance=guidance,
                          pooled_projections=pooled, encoder_hidden_states=pe, txt_ids=txt_ids, img_ids=img_ids,
                          return_dict=False)[0]
 
-    for i, t in enumerate(sched.timesteps):
-        u = run(emb["negative_prompt_embeds"], emb["negative_pooled_prompt_embeds"], t) if cfg else None
-        c = run(emb["prompt_embeds"], emb["pooled_prompt_embeds"], t)
-        subs = [run(emb["prompt_embeds"], emb["pooled_prompt_embeds"], t, m) for m in step_masks(masks, num_masks)[i]]
-        latents = sched.step(combine(u, c, subs, lam, omega), t, latents, return_dict=False)[0]
-    return latents
+    return _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg)

@@ -6,7 +6,8 @@ from s2fast import demo
 
 
 def test_demo_runs_and_reports(capsys):
-    demo.main(["--steps", "3", "--layers", "4", "--heads", "2", "--head-dim", "8", "--latent", "8", "--tokens", "5"])
+    demo.main(["--steps", "3", "--layers", "4", "--heads", "2", "--head-dim", "8", "--latent", "8", "--tokens", "5",
+               "--rounds", "2"])
     out = capsys.readouterr().out
     for method in ("stock CFG", "naive three-pass S²", "s2fast S²"):
         assert method in out
@@ -16,7 +17,8 @@ def test_demo_runs_and_reports(capsys):
 
 
 @pytest.mark.parametrize("argv, words", [(["--steps", "1"], "--steps"), (["--latent", "7"], "--latent"),
-                                          (["--layers", "0"], "--layers")])
+                                          (["--layers", "0"], "--layers"),
+                                          (["--rounds", "0"], "--rounds")])
 def test_demo_rejects_bad_options(argv, words, capsys):
     with pytest.raises(SystemExit):
         demo.main(argv)

@@ -47,3 +47,21 @@ def test_readme_commands_are_what_ci_runs():
     assert re.search(r"^make test\b", ci, re.M)
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo: \$\(STAMP\)", makefile, re.M) and re.search(r"^test: \$\(STAMP\)", makefile, re.M)
+
+
+def test_every_registered_family_exists_in_diffusers():
+    import importlib
+    import inspect
+
+    import diffusers
+
+    from s2fast.adapters import _FAMILIES
+
+    for pipeline_name, (module, cls) in _FAMILIES.items():
+        assert hasattr(diffusers, pipeline_name), pipeline_name
+        adapter = getattr(importlib.import_module(module), cls)()
+        for model_name in adapter.model_classes:
+            assert hasattr(diffusers, model_name), model_name
+        call = inspect.unwrap(getattr(diffusers, pipeline_name).__call__)  # under torch.no_grad's wrapper
+        for name in adapter.pipeline_locals:  # the locals the adapter reads exist in that pipeline's __call__
+            assert name in call.__code__.co_varnames, (pipeline_name, name)

@@ -112,7 +112,6 @@ class FamilyAdapter:
     """Base of the per-family adapters. Subclasses fill in the class attributes and the model methods."""
 
     name: str = ""
-    pipeline_classes: Tuple[str, ...] = ()
     model_classes: Tuple[str, ...] = ()
     batched_inputs: Tuple[str, ...] = ()
     attention_kwargs_key: str = "joint_attention_kwargs"
@@ -153,6 +152,41 @@ class FamilyAdapter:
 
     def num_blocks(self, model) -> int:
         return len(self.blocks(model))
+
+
+class TwoStreamAdapter(FamilyAdapter):
+    """Families whose blocks take ``(hidden_states, encoder_hidden_states, temb, ..., joint_attention_kwargs)`` and
+    return ``(encoder, hidden)``, encoder first (SD3, Flux). The flow is kept as [hidden, encoder]."""
+
+    # call inputs S² cannot serve -> what they are, for the error message
+    unsupported_inputs: Dict[str, str] = {}
+
+    def block_extras(self, shared: Dict[str, Any]) -> Dict[str, Any]:
+        """Family-specific block arguments taken from the lane's shared constants (Flux: rotary embeddings)."""
+        return {}
+
+    def run_block(self, block, flow, row_consts, shared):
+        encoder, hidden = block(
+            hidden_states=flow[0],
+            encoder_hidden_states=flow[1],
+            temb=row_consts[0],
+            joint_attention_kwargs=shared["attention_kwargs"],
+            **self.block_extras(shared),
+        )
+        return [hidden, encoder]
+
+    def skipped_block_output(self, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        encoder = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+        return encoder, hidden
+
+    def check_call(self, call_locals, inputs):
+        for key, what in self.unsupported_inputs.items():
+            if inputs.get(key) is not None:
+                raise ValueError(f"s2fast does not combine S² with {what}; unwrap the pipeline (s2fast.unwrap) to use it")
+        kwargs = inputs.get(self.attention_kwargs_key) or {}
+        if "ip_adapter_image_embeds" in kwargs:
+            raise ValueError("s2fast does not support IP-Adapter yet; unwrap the pipeline (s2fast.unwrap) to use it")
 
 
 def model_output(value: torch.Tensor, return_dict: bool):

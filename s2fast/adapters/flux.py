@@ -16,21 +16,19 @@ from typing import Any, Dict
 
 import torch
 
-from .base import BranchRows, FamilyAdapter, LaneState, StepRequest, model_output, split_lora_scale
-
-_UNSUPPORTED_INPUTS = {
-    "controlnet_block_samples": "ControlNet residuals",
-    "controlnet_single_block_samples": "ControlNet residuals",
-}
+from .base import BranchRows, LaneState, StepRequest, TwoStreamAdapter, model_output, split_lora_scale
 
 
-class FluxAdapter(FamilyAdapter):
+class FluxAdapter(TwoStreamAdapter):
     name = "flux"
-    pipeline_classes = ("FluxPipeline",)
     model_classes = ("FluxTransformer2DModel",)
     batched_inputs = ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states")
     shared_inputs = ("txt_ids", "img_ids")
     pipeline_locals = ("i", "timesteps", "do_true_cfg", "true_cfg_scale", "negative_image_embeds")
+    unsupported_inputs = {
+        "controlnet_block_samples": "ControlNet residuals",
+        "controlnet_single_block_samples": "ControlNet residuals",
+    }
 
     def blocks(self, model):
         return [*model.transformer_blocks, *model.single_transformer_blocks]
@@ -50,30 +48,15 @@ class FluxAdapter(FamilyAdapter):
         attention_kwargs, _ = split_lora_scale(inputs.get(self.attention_kwargs_key))
         return LaneState([hidden, encoder], [temb], {"attention_kwargs": attention_kwargs, "rotary": rotary})
 
-    def run_block(self, block, flow, row_consts, shared):
-        encoder, hidden = block(
-            hidden_states=flow[0],
-            encoder_hidden_states=flow[1],
-            temb=row_consts[0],
-            image_rotary_emb=shared["rotary"],
-            joint_attention_kwargs=shared["attention_kwargs"],
-        )
-        return [hidden, encoder]
+    def block_extras(self, shared):
+        return {"image_rotary_emb": shared["rotary"]}
 
     def head(self, model, state: LaneState) -> torch.Tensor:
         return model.proj_out(model.norm_out(state.flow[0], state.row_consts[0]))
 
-    def skipped_block_output(self, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        encoder = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
-        return encoder, hidden
-
     def check_call(self, call_locals, inputs):
-        for key, what in _UNSUPPORTED_INPUTS.items():
-            if inputs.get(key) is not None:
-                raise ValueError(f"s2fast does not combine S² with {what}; unwrap the pipeline (s2fast.unwrap) to use it")
-        kwargs = inputs.get(self.attention_kwargs_key) or {}
-        if "ip_adapter_image_embeds" in kwargs or call_locals["negative_image_embeds"] is not None:
+        super().check_call(call_locals, inputs)
+        if call_locals["negative_image_embeds"] is not None:
             raise ValueError("s2fast does not support IP-Adapter yet; unwrap the pipeline (s2fast.unwrap) to use it")
 
     def is_follow_up(self, call_locals, inputs) -> bool:

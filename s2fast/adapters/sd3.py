@@ -14,20 +14,18 @@ from typing import Any, Dict
 
 import torch
 
-from .base import BranchRows, FamilyAdapter, LaneState, StepRequest, model_output, split_lora_scale
-
-_UNSUPPORTED_INPUTS = {
-    "skip_layers": "the pipeline's own skip-layer guidance (skip_guidance_layers)",
-    "block_controlnet_hidden_states": "ControlNet residuals",
-}
+from .base import BranchRows, LaneState, StepRequest, TwoStreamAdapter, model_output, split_lora_scale
 
 
-class SD3Adapter(FamilyAdapter):
+class SD3Adapter(TwoStreamAdapter):
     name = "sd3"
-    pipeline_classes = ("StableDiffusion3Pipeline",)
     model_classes = ("SD3Transformer2DModel",)
     batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
     pipeline_locals = ("i", "timesteps", "skip_guidance_layers")
+    unsupported_inputs = {
+        "skip_layers": "the pipeline's own skip-layer guidance (skip_guidance_layers)",
+        "block_controlnet_hidden_states": "ControlNet residuals",
+    }
 
     def blocks(self, model):
         return list(model.transformer_blocks)
@@ -41,15 +39,6 @@ class SD3Adapter(FamilyAdapter):
         attention_kwargs, _ = split_lora_scale(inputs.get(self.attention_kwargs_key))
         return LaneState([hidden, encoder], [temb], {"attention_kwargs": attention_kwargs, "size": (height, width)})
 
-    def run_block(self, block, flow, row_consts, shared):
-        encoder, hidden = block(
-            hidden_states=flow[0],
-            encoder_hidden_states=flow[1],
-            temb=row_consts[0],
-            joint_attention_kwargs=shared["attention_kwargs"],
-        )
-        return [hidden, encoder]
-
     def head(self, model, state: LaneState) -> torch.Tensor:
         hidden = model.norm_out(state.flow[0], state.row_consts[0])
         hidden = model.proj_out(hidden)
@@ -59,23 +48,13 @@ class SD3Adapter(FamilyAdapter):
         hidden = torch.einsum("nhwpqc->nchpwq", hidden)
         return hidden.reshape(shape=(hidden.shape[0], model.out_channels, height * p, width * p))
 
-    def skipped_block_output(self, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        encoder = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
-        return encoder, hidden
-
     def check_call(self, call_locals, inputs):
-        for key, what in _UNSUPPORTED_INPUTS.items():
-            if inputs.get(key) is not None:
-                raise ValueError(f"s2fast does not combine S² with {what}; unwrap the pipeline (s2fast.unwrap) to use it")
+        super().check_call(call_locals, inputs)
         if call_locals["skip_guidance_layers"] is not None:
             raise ValueError(
                 "skip_guidance_layers (the pipeline's skip-layer guidance) cannot be combined with S²: S² already "
                 "subtracts a skipped-block prediction. Use S2Config(masks=...) for fixed blocks, or s2fast.unwrap(pipe)"
             )
-        kwargs = inputs.get(self.attention_kwargs_key) or {}
-        if "ip_adapter_image_embeds" in kwargs:
-            raise ValueError("s2fast does not support IP-Adapter yet; unwrap the pipeline (s2fast.unwrap) to use it")
 
     def request(self, pipe, call_locals, inputs, memo) -> StepRequest:
         cfg = bool(pipe.do_classifier_free_guidance)
