@@ -35,7 +35,7 @@ def wrap(pipe, config: Optional[S2Config] = None, *, _predictor: Optional[Predic
 def unwrap(pipe):
     """Undo :func:`wrap`: the pipeline's outputs are then bit-identical to a never-wrapped pipeline. Returns pipe;
     a pipeline that is not wrapped is returned unchanged."""
-    controller = pipe.__dict__.get(_ATTR)
+    controller = _controller(pipe)
     if controller is not None:
         controller.uninstall()
         del pipe.__dict__[_ATTR]
@@ -45,7 +45,7 @@ def unwrap(pipe):
 def trace(pipe) -> Tuple:
     """The masks of the last call of a wrapped pipeline: one entry per denoising step, the tuple of dropped block
     indices (a tuple of such tuples when num_masks > 1), () where S² was off. Valid as ``S2Config(masks=...)``."""
-    controller = pipe.__dict__.get(_ATTR)
+    controller = _controller(pipe)
     if controller is None:
         raise ValueError("s2fast.trace: this pipeline is not wrapped (call s2fast.wrap(pipe, config) first)")
     return controller.trace()
@@ -53,8 +53,12 @@ def trace(pipe) -> Tuple:
 
 def config_of(pipe) -> Optional[S2Config]:
     """The S2Config a pipeline is wrapped with, or None."""
-    controller = pipe.__dict__.get(_ATTR)
+    controller = _controller(pipe)
     return None if controller is None else controller.config
+
+
+def _controller(pipe) -> Optional[Controller]:
+    return getattr(pipe, "__dict__", {}).get(_ATTR)
 
 
 def _check_hooks(pipe) -> None:
@@ -67,7 +71,7 @@ def _check_hooks(pipe) -> None:
             "enable_sequential_cpu_offload); remove the offloading before s2fast.wrap"
         )
     current = model.__dict__.get("forward")
-    ours = pipe.__dict__.get(_ATTR)
+    ours = _controller(pipe)
     if current is not None and (ours is None or current != ours.forward):
         raise ValueError(
             "s2fast: pipe.transformer.forward is already replaced by another hook (a diffusers cache or offloading "

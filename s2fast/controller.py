@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import masks as mask_sampling
-from .adapters.base import FamilyAdapter, StepRequest
+from .adapters.base import FamilyAdapter, StepRequest, find_pipeline_locals
 from .config import Mask, S2Config, public_step_form
 from .engine import EngineOptions, predict
 
@@ -66,8 +66,6 @@ class Controller:
     # --- the forward that the pipeline calls ------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         pipe = self.pipe_ref()
-        from .adapters.base import find_pipeline_locals
-
         call_locals = find_pipeline_locals(pipe, self.adapter.pipeline_locals) if pipe is not None else None
         if call_locals is None:
             return self.stock_forward(*args, **kwargs)
