@@ -89,9 +89,9 @@ class Controller:
 
         preds = self.predictor(self.adapter, self.model, request.rows, subnets, self.options)
         branches = request.rows.count
-        cond = preds[branches - 1]
         uncond = preds[0] if branches == 2 else None
-        return guided_prediction(cond, uncond, preds[branches:], request.guidance_scale, self.config.omega)
+        return guided_prediction(preds[request.cond_branch], uncond, preds[branches:], request.guidance_scale,
+                                 self.config.omega)
 
     def _serve(self, run: _Run, step: int, inputs: Dict[str, Any]):
         if run.served is None or run.served[0] != step or run.served[2] < 1:

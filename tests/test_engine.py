@@ -62,6 +62,20 @@ def test_branches_that_cannot_share_a_call_run_apart(step_inputs):
     model, adapter, stacked = step_inputs
     rows = BranchRows(adapter.batched_inputs, 2, stacked=stacked)
     branches = [dict(rows.branch(0), extra=torch.zeros(3)), dict(rows.branch(1), extra=torch.ones(3))]
-    assert BranchRows(adapter.batched_inputs, 2, branches=branches).stacked() is None
+    apart = BranchRows(adapter.batched_inputs, 2, branches=branches)
+    assert apart.stacked() is None and apart.rows_per_branch == 1
+    with_dicts = [dict(b, extra={"t": torch.zeros(2)}) for b in branches]  # unequal-by-value dicts of tensors
+    assert BranchRows(adapter.batched_inputs, 2, branches=with_dicts).stacked() is None
     same = [dict(rows.branch(0), extra=torch.zeros(3)), dict(rows.branch(1), extra=torch.zeros(3))]
     assert BranchRows(adapter.batched_inputs, 2, branches=same).stacked()["extra"].shape == (3,)
+
+
+def test_unstackable_branches_still_give_the_same_predictions(step_inputs):
+    model, adapter, stacked = step_inputs
+    rows = BranchRows(adapter.batched_inputs, 2, stacked=stacked)
+    apart = BranchRows(adapter.batched_inputs, 2,
+                       branches=[dict(rows.branch(0), extra=torch.zeros(3)), dict(rows.branch(1), extra=torch.ones(3))])
+    expected = predict(adapter, model, rows, [(2, 4)])
+    got = predict(adapter, model, apart, [(2, 4)])  # one lane per branch: batch-size rounding only
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

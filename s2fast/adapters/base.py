@@ -46,14 +46,15 @@ class BranchRows:
         self.count = count
         self._stacked = stacked
         self._branches = list(branches) if branches is not None else None
+        self._unstackable = False
         if self._branches is not None and len(self._branches) != count:
             raise ValueError(f"BranchRows: {len(self._branches)} branches given for count={count}")
 
     @property
     def rows_per_branch(self) -> int:
-        source = self._stacked if self._stacked is not None else self._branches[0]
-        total = source["hidden_states"].shape[0]
-        return total // self.count if self._stacked is not None else total
+        if self._branches is not None:
+            return self._branches[0]["hidden_states"].shape[0]
+        return self._stacked["hidden_states"].shape[0] // self.count
 
     def branch(self, j: int) -> Dict[str, Any]:
         if self._branches is not None:
@@ -64,12 +65,13 @@ class BranchRows:
 
     def stacked(self) -> Optional[Dict[str, Any]]:
         """All branches in one batch, or None when their shared inputs differ (they cannot share a call)."""
-        if self._stacked is None:
+        if self._stacked is None and not self._unstackable:
             self._stacked = _stack(self._branches, self.batched_keys)
-        return self._stacked or None
+            self._unstackable = self._stacked is None
+        return self._stacked
 
 
-def _stack(branches: Sequence[Dict[str, Any]], batched_keys: Sequence[str]) -> Dict[str, Any]:
+def _stack(branches: Sequence[Dict[str, Any]], batched_keys: Sequence[str]) -> Optional[Dict[str, Any]]:
     first = branches[0]
     out: Dict[str, Any] = {}
     for k, v in first.items():
@@ -78,7 +80,7 @@ def _stack(branches: Sequence[Dict[str, Any]], batched_keys: Sequence[str]) -> D
         elif all(_same(v, b[k]) for b in branches[1:]):
             out[k] = v
         else:
-            return {}
+            return None
     return out
 
 
@@ -87,7 +89,10 @@ def _same(a, b) -> bool:
         return True
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-    return a == b
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # e.g. dicts holding tensors: treat as different, run apart
+        return False
 
 
 @dataclass
