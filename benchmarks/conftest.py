@@ -1,22 +1,20 @@
 """Benchmarks are not tests: run them with `make bench` (pytest-benchmark).
 
-On a shared machine the speed drifts over minutes, so a ratio between cases timed one after another is unreliable
-(we saw stock CFG move by 25 % between two runs). Each benchmark here therefore times *interleaved* rounds: every
-round runs each case once, in a shuffled order, and the ratio of a case to its baseline is the median over rounds
-of (case time / baseline time in the same round). pytest-benchmark's own table shows the time of a whole round;
+Each benchmark times *interleaved* rounds (s2fast/timing.py says why): every round runs each case once, in a
+shuffled order, and the ratio of a case to its baseline is the median over rounds of (case time / baseline time in
+the same round). pytest-benchmark's own table shows the time of a whole round;
 the terminal summary below shows the per-case medians and ratios, and writes them to .benchmarks/<name>.json.
 """
 
 import json
 import os
 import platform
-import random
-import statistics
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from s2fast.timing import InterleavedRounds
 
 RESULTS = {}  # group -> {"baseline": case, "cases": {case: {...}}}
 
@@ -40,29 +38,13 @@ def interleaved(benchmark):
     shuffled interleaved rounds under pytest-benchmark; returns {name: {"median_s", "ratio"}}."""
 
     def run(group, cases, baseline, rounds, extra=None):
-        times = {name: [] for name in cases}
-        order = random.Random(0)
-
-        def one_round(record=True):
-            names = list(cases)
-            order.shuffle(names)
-            for name in names:
-                start = time.perf_counter()
-                cases[name]()
-                if record:
-                    times[name].append(time.perf_counter() - start)
-
-        one_round(record=False)  # warm-up: first-call allocations stay out of the numbers
+        timer = InterleavedRounds(cases)
+        timer.run_round(record=False)  # warm-up: first-call allocations stay out of the numbers
         benchmark.group = group
-        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-        base = times[baseline]
+        benchmark.pedantic(timer.run_round, rounds=rounds, iterations=1)
         summary = {
-            name: {
-                "median_s": statistics.median(t),
-                "ratio": statistics.median(a / b for a, b in zip(t, base)),
-                **(extra or {}).get(name, {}),
-            }
-            for name, t in times.items()
+            name: {"median_s": timer.median(name), "ratio": timer.ratio(name, baseline), **(extra or {}).get(name, {})}
+            for name in cases
         }
         benchmark.extra_info.update(environment(), cases=summary, rounds=rounds)
         RESULTS[group] = {"baseline": baseline, "rounds": rounds, "cases": summary}

@@ -3,8 +3,8 @@
 Runs the same prompt three ways — stock CFG, naive three-pass S², s2fast S² (same masks) — and prints the median
 per-step time of each, the ratios to CFG, the block-row floor of DESIGN.md §3 for the masks drawn, and the largest
 difference between the two S² results. Random weights: this shows cost and exactness, not image quality.
-A shared CPU drifts over seconds, so the methods run in interleaved rounds (each round runs all three, in a
-shuffled order) and a ratio is the median over rounds of the ratio measured within one round.
+The methods run in interleaved rounds (s2fast/timing.py): a ratio is the median over rounds of the ratio
+measured within one round.
 
     python -m s2fast.demo            # the embedded default: 24 blocks, hidden 256, 32×32 latents, 77 text tokens
     python -m s2fast.demo --help
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
 import statistics
 import time
 from typing import Dict, List, Tuple
@@ -26,6 +25,7 @@ import s2fast
 from s2fast import S2Config, tiny
 from s2fast.engine import block_rows
 from s2fast.reference import wrap_three_pass
+from s2fast.timing import InterleavedRounds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,33 +83,35 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         "naive three-pass S²": lambda: wrap_three_pass(pipe, config),
         "s2fast S²": lambda: s2fast.wrap(pipe, config),
     }
-    step_times: Dict[str, List[float]] = {m: [] for m in methods}  # one median step time per round
     results: Dict[str, torch.Tensor] = {}
     traces = {}
-    order = random.Random(args.seed)
+
+    def timed(name):
+        def case():
+            methods[name]()
+            results[name], times = _timed_call(pipe, kwargs(args.steps))
+            if name != "stock CFG":
+                traces[name] = s2fast.trace(pipe)
+            bar.update()
+            return statistics.median(times)  # the case's time: its median step, not the whole call
+        return case
+
+    timer = InterleavedRounds({name: timed(name) for name in methods}, seed=args.seed)
     with tqdm(total=len(methods) * (args.rounds + 1), desc="demo", unit="run") as bar:
         for setup in methods.values():
             setup()
             pipe(**kwargs(2))  # warm-up: first-call allocations and lazy imports stay out of the timings
             bar.update()
         for _ in range(args.rounds):
-            names = list(methods)
-            order.shuffle(names)
-            for name in names:
-                methods[name]()
-                results[name], times = _timed_call(pipe, kwargs(args.steps))
-                step_times[name].append(statistics.median(times))
-                if name != "stock CFG":
-                    traces[name] = s2fast.trace(pipe)
-                bar.update()
+            timer.run_round()
     s2fast.unwrap(pipe)
     if traces["naive three-pass S²"] != traces["s2fast S²"]:
         raise RuntimeError("s2fast demo: the two S² runs drew different masks; their results are not comparable")
     step_masks = [(m,) if m else () for m in traces["s2fast S²"]]
     cfg_rows = 2 * shape.num_layers * args.steps
     return dict(
-        shape=shape, params=params, times={m: statistics.median(t) for m, t in step_times.items()},
-        ratios={m: [a / b for a, b in zip(t, step_times["stock CFG"])] for m, t in step_times.items()},
+        shape=shape, params=params, times={m: timer.median(m) for m in methods},
+        ratios={m: timer.ratios(m, "stock CFG") for m in methods},
         floor=sum(block_rows(shape.num_layers, 2, s) for s in step_masks) / cfg_rows,
         naive_floor=sum(block_rows(shape.num_layers, 2, s, reuse_prefix=False) for s in step_masks) / cfg_rows,
         s2_difference=(results["s2fast S²"] - results["naive three-pass S²"]).abs().max().item(),
