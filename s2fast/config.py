@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple, Union
 
 # One sub-network: the sorted block indices it drops.
@@ -72,8 +72,6 @@ class S2Config:
     batch_branches: bool = True
     reuse_prefix: bool = True
     fork_mode: str = "separate"
-    # Derived by __post_init__: every explicit mask as a tuple of sub-network masks (() when S² is off).
-    _step_masks: Optional[Tuple[Tuple[Mask, ...], ...]] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_real("omega", self.omega)
@@ -99,13 +97,19 @@ class S2Config:
                     "S2Config: give either masks or interval, not both (explicit masks already say, step by step, "
                     "where S² applies: use () for the steps outside your interval)"
                 )
-            steps = tuple(_step_masks(i, entry, self.num_masks) for i, entry in enumerate(_as_sequence("masks", self.masks)))
-            object.__setattr__(self, "_step_masks", steps)
+            entries = enumerate(_as_sequence("masks", self.masks))
+            steps = tuple(_step_masks(i, entry, self.num_masks) for i, entry in entries)
             object.__setattr__(self, "masks", tuple(public_step_form(s, self.num_masks) for s in steps))
 
     def replace(self, **changes) -> "S2Config":
         """A copy with some fields changed (validated like the original)."""
         return replace(self, **changes)
+
+    def step_masks(self) -> Optional[Tuple[Tuple[Mask, ...], ...]]:
+        """The explicit masks as one tuple of sub-network masks per step (() where S² is off), or None."""
+        if self.masks is None:
+            return None
+        return tuple(() if not m else ((m,) if self.num_masks == 1 else m) for m in self.masks)
 
     def check_blocks(self, num_blocks: int) -> None:
         """Validate the block indices against a model with ``num_blocks`` blocks (called by wrap)."""
@@ -116,7 +120,7 @@ class S2Config:
             raise ValueError(
                 f"S2Config.protected_blocks {self.protected_blocks} covers all {num_blocks} blocks: nothing can be dropped"
             )
-        for i, step in enumerate(self._step_masks or ()):
+        for i, step in enumerate(self.step_masks() or ()):
             for mask in step:
                 for b in mask:
                     if b >= num_blocks:

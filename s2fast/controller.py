@@ -44,8 +44,7 @@ class Controller:
         self.predictor = predictor
         self.num_blocks = adapter.num_blocks(self.model)
         self._signature = inspect.signature(type(self.model).forward)
-        self._run: Optional[_Run] = None
-        self.last_trace: Tuple = ()
+        self._run: Optional[_Run] = None  # the last (or current) pipeline call
 
     # --- installation ------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -111,8 +110,8 @@ class Controller:
             n = len(timesteps)
             schedule = mask_sampling.schedule(self.config, n, self.num_blocks)
             self._run = _Run(timesteps, schedule, [()] * n)
-            self.last_trace = self._run.trace
         return self._run
 
     def trace(self) -> Tuple:
-        return tuple(public_step_form(step, self.config.num_masks) for step in self.last_trace)
+        steps = self._run.trace if self._run is not None else []
+        return tuple(public_step_form(step, self.config.num_masks) for step in steps)

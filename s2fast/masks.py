@@ -46,12 +46,11 @@ def schedule(cfg: S2Config, num_steps: int, num_blocks: int) -> List[Tuple[Mask,
     """
     if cfg.omega == 0:
         return [()] * num_steps
-    if cfg._step_masks is not None:
-        if len(cfg._step_masks) != num_steps:
-            raise ValueError(
-                f"S2Config.masks has {len(cfg._step_masks)} entries, but this call runs {num_steps} denoising steps"
-            )
-        return list(cfg._step_masks)
+    explicit = cfg.step_masks()
+    if explicit is not None:
+        if len(explicit) != num_steps:
+            raise ValueError(f"S2Config.masks has {len(explicit)} entries, but this call runs {num_steps} denoising steps")
+        return list(explicit)
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     return [
         sample_step(seed, i, cfg, num_blocks) if in_interval(i, num_steps, cfg.interval) else ()

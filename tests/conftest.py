@@ -88,20 +88,20 @@ def families():
     return {}
 
 
-@pytest.fixture(params=["sd3", "flux"])
-def family(request, families):
-    """A tiny pipeline of each supported family, built once; unwrapped again after every test."""
-    name = request.param
+def _shared(families, name):
+    """The family's tiny pipeline, built once per session; unwrapped again after every test that uses it."""
     if name not in families:
         families[name] = _BUILDERS[name]()
-    fam = families[name]
-    yield fam
-    s2fast.unwrap(fam.pipe)
+    yield families[name]
+    s2fast.unwrap(families[name].pipe)
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def family(request, families):
+    """A tiny pipeline of each supported family."""
+    yield from _shared(families, request.param)
 
 
 @pytest.fixture
 def sd3(families):
-    if "sd3" not in families:
-        families["sd3"] = _sd3()
-    yield families["sd3"]
-    s2fast.unwrap(families["sd3"].pipe)
+    yield from _shared(families, "sd3")

@@ -116,7 +116,6 @@ class StepRequest:
 class FamilyAdapter:
     """Base of the per-family adapters. Subclasses fill in the class attributes and the model methods."""
 
-    name: str = ""
     model_classes: Tuple[str, ...] = ()
     batched_inputs: Tuple[str, ...] = ()
     attention_kwargs_key: str = "joint_attention_kwargs"

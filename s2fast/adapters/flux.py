@@ -20,7 +20,6 @@ from .base import BranchRows, LaneState, StepRequest, TwoStreamAdapter, model_ou
 
 
 class FluxAdapter(TwoStreamAdapter):
-    name = "flux"
     model_classes = ("FluxTransformer2DModel",)
     batched_inputs = ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states")
     shared_inputs = ("txt_ids", "img_ids")

@@ -18,7 +18,6 @@ from .base import BranchRows, LaneState, StepRequest, TwoStreamAdapter, model_ou
 
 
 class SD3Adapter(TwoStreamAdapter):
-    name = "sd3"
     model_classes = ("SD3Transformer2DModel",)
     batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
     pipeline_locals = ("i", "timesteps", "skip_guidance_layers")
