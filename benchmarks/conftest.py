@@ -17,6 +17,7 @@ import torch
 from s2fast.timing import InterleavedRounds
 
 RESULTS = {}  # group -> {"baseline": case, "cases": {case: {...}}}
+_MORE = ("speedup", "GB/s", "of_copy", "copy_GB/s", "peak_MiB")  # extra per-case numbers the summary prints
 
 
 def environment():
@@ -34,11 +35,13 @@ def environment():
 
 @pytest.fixture
 def interleaved(benchmark):
-    """interleaved(group, cases, baseline, rounds, **extra): time ``cases`` ({name: zero-argument callable}) in
-    shuffled interleaved rounds under pytest-benchmark; returns {name: {"median_s", "ratio"}}."""
+    """interleaved(group, cases, baseline, rounds, extra, self_timed): time ``cases`` ({name: zero-argument
+    callable}) in shuffled interleaved rounds under pytest-benchmark; returns {name: {"median_s", "ratio"}}, the
+    same dict the summary prints (add keys to it to print them). ``self_timed``: the cases return the seconds they
+    measured themselves (CUDA events); otherwise the wall clock times them and their return values are ignored."""
 
-    def run(group, cases, baseline, rounds, extra=None):
-        timer = InterleavedRounds({name: _wall_clock(fn) for name, fn in cases.items()})
+    def run(group, cases, baseline, rounds, extra=None, self_timed=False):
+        timer = InterleavedRounds({name: fn if self_timed else _wall_clock(fn) for name, fn in cases.items()})
         timer.run_round(record=False)  # warm-up: first-call allocations stay out of the numbers
         benchmark.group = group
         benchmark.pedantic(timer.run_round, rounds=rounds, iterations=1)
@@ -70,12 +73,13 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_line(", ".join(f"{k} {v}" for k, v in env.items()))
     for group, result in RESULTS.items():
         tr.write_line(f"\n[{group}] {result['rounds']} rounds, ratio to {result['baseline']}")
-        tr.write_line(f"{'case':<26}{'ms':>10}{'ratio':>9}{'floor':>8}{'vs floor':>10}")
+        tr.write_line(f"{'case':<26}{'ms':>10}{'ratio':>9}{'floor':>8}{'vs floor':>10}  more")
         for case, r in result["cases"].items():
             floor = r.get("floor_ratio")
-            over = f"{r['ratio'] / floor:>10.3f}" if floor else ""
+            over = f"{r['ratio'] / floor:>10.3f}" if floor else f"{'':>10}"
             floor_text = f"{floor:>8.3f}" if floor else f"{'':>8}"
-            tr.write_line(f"{case:<26}{r['median_s'] * 1e3:>10.1f}{r['ratio']:>9.3f}{floor_text}{over}")
+            more = "  ".join(f"{k} {v:.3g}" for k, v in r.items() if k in _MORE)
+            tr.write_line(f"{case:<26}{r['median_s'] * 1e3:>10.4g}{r['ratio']:>9.3f}{floor_text}{over}  {more}")
     out = Path(os.environ.get("S2FAST_BENCH_DIR", ".benchmarks"))
     out.mkdir(exist_ok=True)
     path = out / "s2fast_results.json"

@@ -14,7 +14,8 @@ def guided_prediction(
     guidance_scale: Optional[float],
     omega: float,
 ) -> torch.Tensor:
-    """D = U + λ(C − U) − ω(S̄ − C), or C − ω(S̄ − C) without an uncond branch; S̄ is the mean of ``subs``.
+    """D = U + λ(C − U) − ω(S̄ − C), or C − ω(S̄ − C) without an uncond branch; S̄ is the mean of ``subs``
+    (:func:`mean_of_subs`).
 
     The CFG part is computed exactly as the diffusers pipelines write it (``U + λ * (C - U)``, one rounding per
     op in the model dtype), so with no sub-network the result is bit-identical to the stock pipeline's CFG line.
@@ -27,5 +28,18 @@ def guided_prediction(
         out = cond
     if not subs or omega == 0:
         return out
-    sub = subs[0] if len(subs) == 1 else torch.stack(list(subs)).mean(dim=0)
-    return out - omega * (sub - cond)
+    return out - omega * (mean_of_subs(subs) - cond)
+
+
+def mean_of_subs(subs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """S̄ of Eq. 3: the mean of N sub-network predictions, summed in fp32 in order, times fp32(1/N), rounded once.
+
+    Written as elementwise ops in a fixed order (not ``torch.mean``, whose reduction order and division are the
+    device's choice) so that a fused kernel can reproduce it bit for bit on every device.
+    """
+    if len(subs) == 1:
+        return subs[0]
+    acc = subs[0].to(torch.float32)
+    for s in subs[1:]:
+        acc = acc + s.to(torch.float32)
+    return (acc * (1.0 / len(subs))).to(subs[0].dtype)

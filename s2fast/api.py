@@ -26,6 +26,7 @@ def wrap(pipe, config: Optional[S2Config] = None, *, _predictor: Optional[Predic
     controller = Controller(pipe, adapter, config, **({"predictor": _predictor} if _predictor else {}))
     config.check_blocks(controller.num_blocks)
     _check_hooks(pipe)
+    _check_fused_step(pipe, config)
     unwrap(pipe)
     controller.install()
     object.__setattr__(pipe, _ATTR, controller)
@@ -77,3 +78,12 @@ def _check_hooks(pipe) -> None:
             "s2fast: pipe.transformer.forward is already replaced by another hook (a diffusers cache or offloading "
             "hook?); s2fast drives the blocks itself and would bypass it. Remove that hook before s2fast.wrap"
         )
+
+
+def _check_fused_step(pipe, config: S2Config) -> None:
+    if config.fused_step is True:
+        from .fused_step import unsupported_reason
+
+        reason = unsupported_reason(pipe.scheduler)
+        if reason:
+            raise ValueError(f"S2Config(fused_step=True) cannot fuse this pipeline's step: {reason}; use fused_step='auto'")

@@ -12,6 +12,8 @@ Mask = Tuple[int, ...]
 StepMasks = Union[Mask, Tuple[Mask, ...]]
 
 FORK_MODES = ("join", "separate")
+FUSED_STEP = ("auto", True, False)
+STEP_MODES = ("fp32", "exact")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,18 @@ class S2Config:
             batch 3B). On a 2-core CPU one SD3 block at batch 3 cost as much as batch 2 plus batch 1 (23.1 vs
             22.8 ms) and "separate" was as fast or faster per step (BENCHMARKS.md); GPUs, where fewer, larger
             calls may win, are still to be measured.
+        fused_step: compute the guidance combination and the FlowMatchEulerDiscreteScheduler update in one kernel
+            (s2fast.kernels.guided_flow_step) instead of about eight elementwise torch ops; the scheduler's ``step``
+            then returns that result and keeps its own state (step index) as the stock step does. ``"auto"``
+            (default) fuses when the pipeline's scheduler is FlowMatchEulerDiscreteScheduler and a kernel backend
+            (CUDA extension or Triton on a GPU) is available, and otherwise runs unfused (a one-time log notice
+            says why); ``True`` always fuses (on the CPU with the torch reference) and raises ValueError for
+            another scheduler; ``False`` never fuses. The environment variable S2FAST_BACKEND=torch|triton|cuda
+            forces the kernel backend.
+        step_mode: the rounding of the fused step. ``"fp32"`` (default) combines and steps in fp32 and rounds once,
+            closer to the exact result than the stock sequence; ``"exact"`` reproduces the unfused sequence's
+            rounding op by op, bit for bit (use it to compare with diffusers' own output). Unfused steps are always
+            the stock sequence.
     """
 
     omega: float = 0.25
@@ -72,6 +86,8 @@ class S2Config:
     batch_branches: bool = True
     reuse_prefix: bool = True
     fork_mode: str = "separate"
+    fused_step: Union[str, bool] = "auto"
+    step_mode: str = "fp32"
 
     def __post_init__(self) -> None:
         _check_real("omega", self.omega)
@@ -91,6 +107,10 @@ class S2Config:
                 raise ValueError(f"S2Config.{name} must be a bool, got {getattr(self, name)!r}")
         if self.fork_mode not in FORK_MODES:
             raise ValueError(f"S2Config.fork_mode must be one of {FORK_MODES}, got {self.fork_mode!r}")
+        if not (self.fused_step is True or self.fused_step is False or self.fused_step == "auto"):
+            raise ValueError(f"S2Config.fused_step must be 'auto', True or False, got {self.fused_step!r}")
+        if self.step_mode not in STEP_MODES:
+            raise ValueError(f"S2Config.step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
         if self.masks is not None:
             if self.interval != (0.0, 1.0):
                 raise ValueError(

@@ -19,6 +19,7 @@ from . import masks as mask_sampling
 from .adapters.base import FamilyAdapter, StepRequest, find_pipeline_locals
 from .config import Mask, S2Config, public_step_form
 from .engine import EngineOptions, predict
+from .fused_step import FusedStep, SchedulerHook, fused_step_for_call
 
 # predictor(adapter, model, rows, subnets, options) -> [branch predictions..., sub-network predictions...]
 Predictor = Callable[..., List[torch.Tensor]]
@@ -33,6 +34,8 @@ class _Run:
     trace: List[Tuple[Mask, ...]]
     memo: Dict[str, Any] = field(default_factory=dict)
     served: Optional[Tuple[int, torch.Tensor, int]] = None  # (step, D, follow-up calls left)
+    fused: Optional[FusedStep] = None
+    fused_decided: bool = False  # at the call's first step, when the prediction's shape is known
 
 
 class Controller:
@@ -45,6 +48,7 @@ class Controller:
         self.num_blocks = adapter.num_blocks(self.model)
         self._signature = inspect.signature(type(self.model).forward)
         self._run: Optional[_Run] = None  # the last (or current) pipeline call
+        self._scheduler_hooks: List[SchedulerHook] = []  # every scheduler whose step this wrap replaced
 
     # --- installation ------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -53,6 +57,9 @@ class Controller:
     def uninstall(self) -> None:
         if self.model.__dict__.get("forward") == self.forward:
             del self.model.__dict__["forward"]
+        for hook in self._scheduler_hooks:
+            hook.uninstall()
+        self._scheduler_hooks.clear()
 
     def stock_forward(self, *args, **kwargs):
         return type(self.model).forward(self.model, *args, **kwargs)
@@ -77,20 +84,27 @@ class Controller:
             return self._serve(run, step, inputs)
         request = self.adapter.request(pipe, call_locals, inputs, run.memo)
         subnets = run.schedule[step]
-        d = self._guided(request, subnets)
+        d = self._guided(pipe, run, call_locals, request, subnets)
         run.trace[step] = subnets
         follow_ups = request.notes.get("follow_ups", 0)
         run.served = (step, d, follow_ups) if follow_ups else None
         return request.respond(d)
 
-    def _guided(self, request: StepRequest, subnets: Tuple[Mask, ...]) -> torch.Tensor:
+    def _guided(self, pipe, run: _Run, call_locals, request: StepRequest, subnets: Tuple[Mask, ...]) -> torch.Tensor:
+        """D for this step; with the fused step, x_{t−1} too (stashed for the scheduler's step)."""
         from .kernels import guided_prediction
 
         preds = self.predictor(self.adapter, self.model, request.rows, subnets, self.options)
         branches = request.rows.count
         uncond = preds[0] if branches == 2 else None
-        return guided_prediction(preds[request.cond_branch], uncond, preds[branches:], request.guidance_scale,
-                                 self.config.omega)
+        cond, subs = preds[request.cond_branch], preds[branches:]
+        if not run.fused_decided:
+            run.fused = fused_step_for_call(pipe, self.config, call_locals["latents"], cond.shape, self._scheduler_hooks)
+            run.fused_decided = True
+        if run.fused is not None:
+            return run.fused.step(pipe.scheduler, call_locals, cond, uncond, subs, request.guidance_scale,
+                                  self.config.omega)
+        return guided_prediction(cond, uncond, subs, request.guidance_scale, self.config.omega)
 
     def _serve(self, run: _Run, step: int, inputs: Dict[str, Any]):
         if run.served is None or run.served[0] != step or run.served[2] < 1:

@@ -32,7 +32,8 @@ def skipping(blocks, indices):
 def combine(u, c, subs, lam, omega):
     d = c if u is None else u + lam * (c - u)
     if subs:
-        s = subs[0] if len(subs) == 1 else torch.stack(subs).mean(dim=0)
+        # Eq. 3's mean as s2fast defines it (s2fast.kernels.mean_of_subs): an fp32 sum in order, times fp32(1/N).
+        s = subs[0] if len(subs) == 1 else (sum(x.float() for x in subs) * (1.0 / len(subs))).to(subs[0].dtype)
         d = d - omega * (s - c)
     return d
 

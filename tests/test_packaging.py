@@ -22,6 +22,7 @@ def test_import_is_cheap_and_kernels_is_only_a_subpackage():
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'import s2fast must stay cheap'\n"
         "import s2fast.kernels\n"
         "assert importlib.util.find_spec('kernels') is None, 'kernels/ must not be a top-level package'\n"
+        "assert 'triton' not in sys.modules and 's2fast._C' not in sys.modules, 'optional backends load lazily'\n"
         "print(s2fast.kernels.__name__)\n"
     )
     assert r.returncode == 0, r.stderr

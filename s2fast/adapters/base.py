@@ -120,7 +120,7 @@ class FamilyAdapter:
     batched_inputs: Tuple[str, ...] = ()
     attention_kwargs_key: str = "joint_attention_kwargs"
     # Locals of the pipeline's __call__ that the binding reads; checked once per call for a clear error.
-    pipeline_locals: Tuple[str, ...] = ("i", "timesteps")
+    pipeline_locals: Tuple[str, ...] = ("i", "t", "timesteps", "latents")
 
     # --- model -------------------------------------------------------------------------------------------
     def blocks(self, model) -> List[torch.nn.Module]:

@@ -23,7 +23,7 @@ class FluxAdapter(TwoStreamAdapter):
     model_classes = ("FluxTransformer2DModel",)
     batched_inputs = ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states")
     shared_inputs = ("txt_ids", "img_ids")
-    pipeline_locals = ("i", "timesteps", "do_true_cfg", "true_cfg_scale", "negative_image_embeds")
+    pipeline_locals = ("i", "t", "timesteps", "latents", "do_true_cfg", "true_cfg_scale", "negative_image_embeds")
     unsupported_inputs = {
         "controlnet_block_samples": "ControlNet residuals",
         "controlnet_single_block_samples": "ControlNet residuals",

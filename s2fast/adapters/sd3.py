@@ -20,7 +20,7 @@ from .base import BranchRows, LaneState, StepRequest, TwoStreamAdapter, model_ou
 class SD3Adapter(TwoStreamAdapter):
     model_classes = ("SD3Transformer2DModel",)
     batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
-    pipeline_locals = ("i", "timesteps", "skip_guidance_layers")
+    pipeline_locals = ("i", "t", "timesteps", "latents", "skip_guidance_layers")
     unsupported_inputs = {
         "skip_layers": "the pipeline's own skip-layer guidance (skip_guidance_layers)",
         "block_controlnet_hidden_states": "ControlNet residuals",
