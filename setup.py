@@ -21,6 +21,8 @@ def cuda_extensions():
     ext = CUDAExtension(
         "s2fast._C",
         sources,
+        include_dirs=[os.path.abspath("csrc")],
+        # No fast-math: exact mode relies on IEEE fp32 rounding (__fmul_rn/__fadd_rn are never contracted anyway).
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}

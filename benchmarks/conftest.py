@@ -28,9 +28,20 @@ def environment():
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
     }
+
+
+def _version(package):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 @pytest.fixture

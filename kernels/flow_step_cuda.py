@@ -7,26 +7,12 @@ Importing this module raises ImportError when the extension was not built; kerne
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch  # noqa: F401  (first: the extension resolves its symbols from torch's libraries)
 
 from s2fast import _C  # noqa: E402
 
 
-def launch(
-    sample: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: Optional[torch.Tensor],
-    sub: Optional[torch.Tensor],
-    num_subs: int,
-    dt: torch.Tensor,
-    out: torch.Tensor,
-    guided_out: Optional[torch.Tensor],
-    lam: float,
-    omega: float,
-    exact: bool,
-    round_dt: bool,
-) -> None:
-    """Same contract as kernels/flow_step_triton.launch (the extension re-checks devices, dtypes and sizes)."""
-    _C.guided_flow_step(sample, cond, uncond, sub, num_subs, dt, out, guided_out, lam, omega, exact, round_dt)
+def launch(*args) -> None:
+    """The contract of kernels/flow_step_triton.launch, argument for argument (the extension re-checks devices,
+    dtypes and sizes before it launches)."""
+    _C.guided_flow_step(*args)

@@ -1,6 +1,6 @@
 """guided_flow_step as one Triton kernel: Eq. 4 and the FlowMatchEulerDiscrete update in one pass over the latents.
 
-Unfused, a bf16 S² step is about eight elementwise kernels (sub, mul, add for CFG; sub, mul, sub for the S² term;
+Unfused, a bf16 S² step ends in ten elementwise kernels (sub, mul, add for CFG; sub, mul, sub for the S² term;
 mul, add and two casts in the scheduler), each reading and writing the whole latent; fused, the kernel reads
 x, C, U, S once and writes x_{t−1} (and D, which the pipeline still receives) once.
 

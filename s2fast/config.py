@@ -63,7 +63,7 @@ class S2Config:
             22.8 ms) and "separate" was as fast or faster per step (BENCHMARKS.md); GPUs, where fewer, larger
             calls may win, are still to be measured.
         fused_step: compute the guidance combination and the FlowMatchEulerDiscreteScheduler update in one kernel
-            (s2fast.kernels.guided_flow_step) instead of about eight elementwise torch ops; the scheduler's ``step``
+            (s2fast.kernels.guided_flow_step) instead of ten elementwise torch ops; the scheduler's ``step``
             then returns that result and keeps its own state (step index) as the stock step does. ``"auto"``
             (default) fuses when the pipeline's scheduler is FlowMatchEulerDiscreteScheduler and a kernel backend
             (CUDA extension or Triton on a GPU) is available, and otherwise runs unfused (a one-time log notice
