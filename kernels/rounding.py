@@ -30,6 +30,7 @@ class ScalarRounding:
     dt: bool              # ``dt * model_output``, dt a 0-dim fp32 tensor (as FlowMatchEulerDiscreteScheduler holds it)
 
 
+@functools.lru_cache(maxsize=256)  # called for λ and ω at every fused step: two tensor conversions saved each time
 def effective_scalar(value: float, dtype: torch.dtype, rounded: bool) -> float:
     """The fp32 value a torch op multiplies by: ``value`` in fp32, or rounded to ``dtype`` first (torch's own cast)."""
     t = torch.tensor(value, dtype=torch.float64)
