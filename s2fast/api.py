@@ -26,7 +26,7 @@ def wrap(pipe, config: Optional[S2Config] = None, *, _predictor: Optional[Predic
     controller = Controller(pipe, adapter, config, **({"predictor": _predictor} if _predictor else {}))
     config.check_blocks(controller.num_blocks)
     _check_hooks(pipe)
-    _check_fused_step(pipe, config)
+    _check_fused_step(pipe, config, adapter)
     unwrap(pipe)
     controller.install()
     object.__setattr__(pipe, _ATTR, controller)
@@ -80,10 +80,11 @@ def _check_hooks(pipe) -> None:
         )
 
 
-def _check_fused_step(pipe, config: S2Config) -> None:
+def _check_fused_step(pipe, config: S2Config, adapter) -> None:
     if config.fused_step is True:
         from .fused_step import unsupported_reason
 
-        reason = unsupported_reason(pipe.scheduler)
+        reason = unsupported_reason(pipe.scheduler) if adapter.supports_fused_step else (
+            f"{type(pipe).__name__}'s loop keeps x_t where the fused step cannot take it")
         if reason:
             raise ValueError(f"S2Config(fused_step=True) cannot fuse this pipeline's step: {reason}; use fused_step='auto'")

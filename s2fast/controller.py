@@ -36,6 +36,7 @@ class _Run:
     served: Optional[Tuple[int, torch.Tensor, int]] = None  # (step, D, follow-up calls left)
     fused: Optional[FusedStep] = None
     fused_decided: bool = False  # at the call's first step, when the prediction's shape is known
+    steps_served: int = 0
 
 
 class Controller:
@@ -78,33 +79,46 @@ class Controller:
         inputs = self._signature.bind(self.model, *args, **kwargs).arguments
         inputs.pop("self", None)
         self.adapter.check_call(call_locals, inputs)
-        run = self._run_for(call_locals)
-        step = int(call_locals["i"])
+        run = self._run_for(self.adapter.call_schedule(pipe, call_locals))
+        step = self.adapter.step_index(call_locals, run.steps_served)
         if self.adapter.is_follow_up(call_locals, inputs):
             return self._serve(run, step, inputs)
+        if step >= len(run.schedule):
+            raise RuntimeError(f"s2fast: step {step} of a {len(run.schedule)}-step call; the pipeline's loop is not "
+                               "the one s2fast supports")
         request = self.adapter.request(pipe, call_locals, inputs, run.memo)
         subnets = run.schedule[step]
-        d = self._guided(pipe, run, call_locals, request, subnets)
+        d, predictions = self._guided(pipe, run, call_locals, request, subnets)
         run.trace[step] = subnets
+        run.steps_served += 1
         follow_ups = request.notes.get("follow_ups", 0)
         run.served = (step, d, follow_ups) if follow_ups else None
-        return request.respond(d)
+        return request.respond(d, predictions)
 
-    def _guided(self, pipe, run: _Run, call_locals, request: StepRequest, subnets: Tuple[Mask, ...]) -> torch.Tensor:
-        """D for this step; with the fused step, x_{t−1} too (stashed for the scheduler's step)."""
+    def _guided(self, pipe, run: _Run, call_locals, request: StepRequest, subnets: Tuple[Mask, ...]):
+        """(D, the engine's predictions) for this step; with the fused step, x_{t−1} too (stashed for the
+        scheduler's step)."""
         from .kernels import guided_prediction
 
         preds = self.predictor(self.adapter, self.model, request.rows, subnets, self.options)
+        part = request.guided_part or (lambda p: p)
         branches = request.rows.count
-        uncond = preds[0] if branches == 2 else None
-        cond, subs = preds[request.cond_branch], preds[branches:]
+        uncond = part(preds[request.uncond_branch]) if branches == 2 else None
+        cond, subs = part(preds[request.cond_branch]), [part(p) for p in preds[branches:]]
         if not run.fused_decided:
-            run.fused = fused_step_for_call(pipe, self.config, call_locals["latents"], cond.shape, self._scheduler_hooks)
+            run.fused = None
+            if self.adapter.supports_fused_step:
+                run.fused = fused_step_for_call(pipe, self.config, call_locals["latents"], cond.shape,
+                                                self._scheduler_hooks)
+            elif self.config.fused_step is True:
+                raise ValueError(f"S2Config(fused_step=True): {type(pipe).__name__}'s loop cannot be fused")
             run.fused_decided = True
         if run.fused is not None:
-            return run.fused.step(pipe.scheduler, call_locals, cond, uncond, subs, request.guidance_scale,
-                                  self.config.omega)
-        return guided_prediction(cond, uncond, subs, request.guidance_scale, self.config.omega)
+            d = run.fused.step(pipe.scheduler, call_locals, cond, uncond, subs, request.guidance_scale,
+                               self.config.omega)
+        else:
+            d = guided_prediction(cond, uncond, subs, request.guidance_scale, self.config.omega)
+        return d, preds
 
     def _serve(self, run: _Run, step: int, inputs: Dict[str, Any]):
         if run.served is None or run.served[0] != step or run.served[2] < 1:
@@ -116,8 +130,7 @@ class Controller:
         run.served = (step, d, left - 1) if left > 1 else None
         return self.adapter.follow_up_response(d, inputs)
 
-    def _run_for(self, call_locals) -> _Run:
-        timesteps = call_locals["timesteps"]
+    def _run_for(self, timesteps) -> _Run:
         if self._run is None or self._run.timesteps is not timesteps:
             # A new pipeline call: set_timesteps made a new tensor. Draw its masks before the first step runs, so
             # a schedule error (explicit masks of the wrong length) is raised before anything is computed.

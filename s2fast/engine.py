@@ -62,7 +62,7 @@ def _predict(adapter, model, rows: BranchRows, subnets, options: EngineOptions) 
         lanes = [_Lane(adapter.embed(model, stacked or rows.branch(0)), [_Group(j) for j in range(rows.count)])]
     else:
         lanes = [_Lane(adapter.embed(model, rows.branch(j)), [_Group(j)]) for j in range(rows.count)]
-    cond_output = rows.count - 1
+    cond_output = rows.cond_branch
     forks = sorted(
         ((min(mask) if options.reuse_prefix else 0), rows.count + m, frozenset(mask)) for m, mask in enumerate(subnets)
     )

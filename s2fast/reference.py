@@ -30,7 +30,7 @@ def three_pass(adapter: FamilyAdapter, model, rows: BranchRows, subnets: Sequenc
         preds = [forward(rows.branch(j)) for j in range(rows.count)]
     else:
         preds = list(forward(stacked).chunk(rows.count))
-    cond = rows.branch(rows.count - 1)
+    cond = rows.branch(rows.cond_branch)
     blocks = adapter.blocks(model)
     for mask in subnets:
         with skipping(adapter, blocks, mask):

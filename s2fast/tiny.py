@@ -117,6 +117,33 @@ def flux_pipeline(shape: FluxShape = FluxShape(), *, seed: int = 0, dtype=torch.
     return pipe
 
 
+@dataclass(frozen=True)
+class DiTShape:
+    num_layers: int = 6
+    heads: int = 2
+    head_dim: int = 8
+    latent_size: int = 8
+    latent_channels: int = 4
+    learned_sigma: bool = True   # out_channels = 2 × latent channels, as the ImageNet DiT checkpoints
+
+
+def dit_pipeline(shape: DiTShape = DiTShape(), *, seed: int = 0, scheduler: str = "ddim"):
+    """A DiTPipeline with a random class-conditional DiTTransformer2DModel of ``shape`` (1000 classes + null)."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+    torch.manual_seed(seed)
+    c = shape.latent_channels
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=shape.heads, attention_head_dim=shape.head_dim, in_channels=c,
+        out_channels=2 * c if shape.learned_sigma else c, num_layers=shape.num_layers, sample_size=shape.latent_size,
+        patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=1000,
+    )
+    schedulers = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+    pipe = DiTPipeline(transformer=transformer.eval(), vae=_vae(c), scheduler=schedulers[scheduler]())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _cast(model, dtype):
     # .to(float32) on a float32 model only prints a diffusers warning about modules to keep in float32.
     return model if dtype == torch.float32 else model.to(dtype)

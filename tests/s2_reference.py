@@ -99,3 +99,37 @@ def flux_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, widt
                          return_dict=False)[0]
 
     return _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg)
+
+
+def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_masks=1):
+    """DiTPipeline's loop with three separate forwards: [cond] and [null] rows, and cond with blocks skipped
+    (a DiT block returns its hidden states); Eq. 4 on the eps channels; the scheduler steps the cond half."""
+    model = pipe.transformer
+    blocks = list(model.transformer_blocks)
+    c = model.config.in_channels
+    size = model.config.sample_size
+    b = len(class_labels)
+    latents = torch.randn(b, c, size, size, generator=torch.Generator().manual_seed(seed))
+    labels = torch.tensor(class_labels)
+    null = torch.full_like(labels, 1000)
+    sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+
+    def run(x, y, t, skip=()):
+        saved = {}
+        try:
+            for i in skip:
+                saved[i] = blocks[i].forward
+                blocks[i].forward = lambda hidden_states, *a, **k: hidden_states
+            return model(x, timestep=t[None].expand(b), class_labels=y).sample[:, :c]
+        finally:
+            for i in skip:
+                del blocks[i].forward
+
+    for i, t in enumerate(sched.timesteps):
+        x = sched.scale_model_input(latents, t)
+        u = run(x, null, t) if lam > 1 else None
+        cond = run(x, labels, t)
+        subs = [run(x, labels, t, m) for m in step_masks(masks, num_masks)[i]]
+        latents = sched.step(combine(u, cond, subs, lam, omega), t, latents).prev_sample
+    return latents

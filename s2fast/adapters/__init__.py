@@ -8,6 +8,7 @@ import importlib
 _FAMILIES = {
     "StableDiffusion3Pipeline": ("s2fast.adapters.sd3", "SD3Adapter"),
     "FluxPipeline": ("s2fast.adapters.flux", "FluxAdapter"),
+    "DiTPipeline": ("s2fast.adapters.dit", "DiTAdapter"),
 }
 
 SUPPORTED_PIPELINES = tuple(_FAMILIES)

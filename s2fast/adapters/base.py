@@ -34,16 +34,20 @@ class BranchRows:
     """The model inputs of ``count`` branches (uncond, cond, ...) of B rows each.
 
     ``stacked`` holds all branches concatenated along the batch dimension (what one batched call takes), and
-    ``branch(j)`` one branch's inputs. Inputs named in ``batched_keys`` carry the batch dimension; the others
+    ``branch(j)`` one branch's inputs; with two branches, the one that is not ``cond_branch`` is the uncond one.
+    Inputs named in ``batched_keys`` carry the batch dimension; the others
     (position ids, attention kwargs) are shared and must be equal across branches to be stacked.
     """
 
     def __init__(self, batched_keys: Sequence[str], count: int, stacked: Dict[str, Any] = None,
-                 branches: Sequence[Dict[str, Any]] = None):
+                 branches: Sequence[Dict[str, Any]] = None, cond_branch: Optional[int] = None):
         if (stacked is None) == (branches is None):
             raise ValueError("BranchRows needs exactly one of stacked and branches")
         self.batched_keys = tuple(batched_keys)
         self.count = count
+        # Which branch is the conditional one (the sub-networks fork from it): the last by default ([uncond, cond]
+        # or [cond]); DiT's pipeline stacks [cond, uncond].
+        self.cond_branch = count - 1 if cond_branch is None else cond_branch
         self._stacked = stacked
         self._branches = list(branches) if branches is not None else None
         self._unstackable = False
@@ -100,17 +104,24 @@ class StepRequest:
     """What one pipeline transformer call asks of the engine.
 
     ``guidance_scale`` is λ when the rows hold [uncond, cond] branches, None when they hold cond only.
-    ``respond`` turns the guided prediction D into the value this call returns to the pipeline.
+    ``respond(D, predictions)`` turns the guided prediction D into the value this call returns to the pipeline
+    (``predictions`` are the engine's, for families whose output carries more than what is guided).
+    ``guided_part`` selects what Eq. 4 combines from a prediction (DiT: the eps channels, not the learned sigma).
     """
 
     rows: BranchRows
     guidance_scale: Optional[float]
-    respond: Callable[[torch.Tensor], Any]
+    respond: Callable[[torch.Tensor, List[torch.Tensor]], Any]
     notes: Dict[str, Any] = field(default_factory=dict)
+    guided_part: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     @property
     def cond_branch(self) -> int:
-        return self.rows.count - 1  # branches are ordered [uncond, cond] or [cond]
+        return self.rows.cond_branch
+
+    @property
+    def uncond_branch(self) -> Optional[int]:
+        return 1 - self.rows.cond_branch if self.rows.count == 2 else None
 
 
 class FamilyAdapter:
@@ -121,6 +132,8 @@ class FamilyAdapter:
     attention_kwargs_key: str = "joint_attention_kwargs"
     # Locals of the pipeline's __call__ that the binding reads; checked once per call for a clear error.
     pipeline_locals: Tuple[str, ...] = ("i", "t", "timesteps", "latents")
+    # Whether the pipeline's loop fits the fused step (x_t in `latents`, `scheduler.step(noise_pred, t, latents)`).
+    supports_fused_step: bool = True
 
     # --- model -------------------------------------------------------------------------------------------
     def blocks(self, model) -> List[torch.nn.Module]:
@@ -142,6 +155,14 @@ class FamilyAdapter:
     # --- pipeline ------------------------------------------------------------------------------------------
     def request(self, pipe, call_locals: Dict[str, Any], inputs: Dict[str, Any], memo: Dict[str, Any]) -> StepRequest:
         raise NotImplementedError
+
+    def call_schedule(self, pipe, call_locals: Dict[str, Any]):
+        """The call's timesteps: a new object for every pipeline call (set_timesteps makes one), len() = steps."""
+        return call_locals["timesteps"]
+
+    def step_index(self, call_locals: Dict[str, Any], steps_so_far: int) -> int:
+        """This step's index; ``steps_so_far`` counts the steps of this call already served."""
+        return int(call_locals["i"])
 
     def is_follow_up(self, call_locals: Dict[str, Any], inputs: Dict[str, Any]) -> bool:
         """True for a second transformer call of the same step whose value was computed by the first one."""

@@ -69,7 +69,7 @@ class FluxAdapter(TwoStreamAdapter):
         cond = {k: inputs.get(k) for k in keys}
         return_dict = inputs.get("return_dict", True)
 
-        def respond(d: torch.Tensor):
+        def respond(d: torch.Tensor, predictions=None):
             return model_output(d, return_dict)
 
         if not call_locals["do_true_cfg"]:

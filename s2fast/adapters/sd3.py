@@ -61,7 +61,7 @@ class SD3Adapter(TwoStreamAdapter):
         stacked = {k: inputs.get(k) for k in (*self.batched_inputs, self.attention_kwargs_key)}
         return_dict = inputs.get("return_dict", True)
 
-        def respond(d: torch.Tensor):
+        def respond(d: torch.Tensor, predictions=None):
             # [D, D]: the pipeline's U + λ(C − U) then equals D bit for bit (D − D = 0).
             return model_output(torch.cat([d, d]) if cfg else d, return_dict)
 
