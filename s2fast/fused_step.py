@@ -59,6 +59,12 @@ class SchedulerHook:
             scheduler.step = hook
         return hook
 
+    def __deepcopy__(self, memo):
+        # copy.deepcopy(scheduler) copies its __dict__, this hook included: the copy must drive the *copied*
+        # scheduler (already in memo), never the original one, and owes nothing to a pending fused value.
+        copied = memo.get(id(self.scheduler_ref()))
+        return SchedulerHook(copied) if copied is not None else self
+
     def uninstall(self) -> None:
         scheduler = self.scheduler_ref()
         if scheduler is not None and scheduler.__dict__.get("step") is self:

@@ -140,3 +140,18 @@ def test_config_fields_are_validated():
     with pytest.raises(ValueError, match="step_mode"):
         S2Config(step_mode="fp16")
     assert S2Config().fused_step == "auto" and S2Config().step_mode == "fp32"
+
+
+def test_a_deep_copied_scheduler_steps_itself(sd3):
+    import copy
+
+    s2fast.wrap(sd3.pipe, S2Config(omega=0.5, masks=MASKS, fused_step=True, step_mode="exact"))
+    sd3()
+    original = sd3.pipe.scheduler
+    clone = copy.deepcopy(original)
+    clone.set_timesteps(4)
+    index_before = original.step_index
+    t = clone.timesteps[0]
+    clone.step(torch.randn(1, 4, 8, 8), t, torch.randn(1, 4, 8, 8))
+    assert clone.step_index == 1 and original.step_index == index_before
+    assert clone.step.scheduler_ref() is clone
