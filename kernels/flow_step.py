@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from .flow_step_reference import fp32_flow_step, unfused_flow_step
+from .flow_step_reference import reference_flow_step
 from .rounding import effective_scalar, scalar_rounding
 
 MODES = ("fp32", "exact")
@@ -74,11 +74,9 @@ def guided_flow_step(
 
 
 def _torch_step(sample, cond, uncond, sub, dt, guidance_scale, omega, mode, out, guided_out):
-    if mode == "exact":
-        # The scheduler multiplies by a CPU dt; a device dt can round differently, so use the scheduler's form.
-        x_next, d = unfused_flow_step(sample, cond, uncond, sub, dt.cpu(), guidance_scale, omega)
-    else:
-        x_next, d = fp32_flow_step(sample, cond, uncond, sub, dt, guidance_scale, omega)
+    # Exact: the scheduler multiplies by a CPU dt; a device dt can round differently, so use the scheduler's form.
+    x_next, d = reference_flow_step(sample, cond, uncond, sub, dt.cpu() if mode == "exact" else dt, guidance_scale,
+                                    omega, mode)
     if guided_out is not None:
         guided_out.copy_(d)
     return out.copy_(x_next)

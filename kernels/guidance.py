@@ -31,15 +31,17 @@ def guided_prediction(
     return out - omega * (mean_of_subs(subs) - cond)
 
 
-def mean_of_subs(subs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """S̄ of Eq. 3: the mean of N sub-network predictions, summed in fp32 in order, times fp32(1/N), rounded once.
+def mean_of_subs(subs: Sequence[torch.Tensor], round_to_input: bool = True) -> torch.Tensor:
+    """S̄ of Eq. 3: the mean of N sub-network predictions, summed in fp32 in order, times fp32(1/N), rounded once
+    to the predictions' dtype (or kept in fp32 with ``round_to_input=False``, for the fp32 step).
 
     Written as elementwise ops in a fixed order (not ``torch.mean``, whose reduction order and division are the
     device's choice) so that a fused kernel can reproduce it bit for bit on every device.
     """
     if len(subs) == 1:
-        return subs[0]
+        return subs[0] if round_to_input else subs[0].to(torch.float32)
     acc = subs[0].to(torch.float32)
     for s in subs[1:]:
         acc = acc + s.to(torch.float32)
-    return (acc * (1.0 / len(subs))).to(subs[0].dtype)
+    mean = acc * (1.0 / len(subs))
+    return mean.to(subs[0].dtype) if round_to_input else mean

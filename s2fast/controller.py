@@ -106,12 +106,11 @@ class Controller:
         uncond = part(preds[request.uncond_branch]) if branches == 2 else None
         cond, subs = part(preds[request.cond_branch]), [part(p) for p in preds[branches:]]
         if not run.fused_decided:
+            # An adapter without the fused step never gets here with fused_step=True: wrap refuses that.
             run.fused = None
             if self.adapter.supports_fused_step:
                 run.fused = fused_step_for_call(pipe, self.config, call_locals["latents"], cond.shape,
                                                 self._scheduler_hooks)
-            elif self.config.fused_step is True:
-                raise ValueError(f"S2Config(fused_step=True): {type(pipe).__name__}'s loop cannot be fused")
             run.fused_decided = True
         if run.fused is not None:
             d = run.fused.step(pipe.scheduler, call_locals, cond, uncond, subs, request.guidance_scale,
