@@ -17,7 +17,7 @@ import torch
 from s2fast.timing import InterleavedRounds
 
 RESULTS = {}  # group -> {"baseline": case, "cases": {case: {...}}}
-_MORE = ("speedup", "GB/s", "of_copy", "copy_GB/s", "peak_MiB")  # extra per-case numbers the summary prints
+_MORE = ("speedup", "GB/s", "of_copy", "copy_GB/s", "peak_MiB", "floor")  # extra per-case numbers the summary prints
 
 
 def environment():

@@ -11,11 +11,11 @@ Importing s2fast is cheap: torch and diffusers are imported when wrap is first u
 from .config import S2Config
 
 __version__ = "0.1.0"
-__all__ = ["S2Config", "wrap", "unwrap", "trace", "__version__"]
+__all__ = ["S2Config", "wrap", "unwrap", "trace", "graph_stats", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("wrap", "unwrap", "trace", "config_of"):
+    if name in ("wrap", "unwrap", "trace", "graph_stats", "config_of"):
         from . import api
 
         return getattr(api, name)

@@ -11,7 +11,7 @@ from .controller import Controller, Predictor
 _ATTR = "_s2fast_controller"  # where the controller lives on the pipeline object (an instance attribute)
 
 
-def wrap(pipe, config: Optional[S2Config] = None, *, _predictor: Optional[Predictor] = None):
+def wrap(pipe, config: Optional[S2Config] = None, *, _predictor: Optional[Predictor] = None, _graph_backend=None):
     """Make ``pipe`` sample with S²-Guidance; returns ``pipe``.
 
     The pipeline's own call keeps its arguments, callbacks, progress bar and output types; its guidance scale is
@@ -23,10 +23,14 @@ def wrap(pipe, config: Optional[S2Config] = None, *, _predictor: Optional[Predic
     if not isinstance(config, S2Config):
         raise TypeError(f"s2fast.wrap expects an S2Config, got {type(config).__name__}")
     adapter = adapter_for(pipe)
-    controller = Controller(pipe, adapter, config, **({"predictor": _predictor} if _predictor else {}))
+    controller = Controller(pipe, adapter, config, **({"predictor": _predictor} if _predictor else {}),
+                            graph_backend=_graph_backend)
     config.check_blocks(controller.num_blocks)
     _check_hooks(pipe)
     _check_fused_step(pipe, config, adapter)
+    if config.cuda_graphs is True and _graph_backend is None and pipe.transformer.device.type != "cuda":
+        raise ValueError(f"S2Config.cuda_graphs=True needs the transformer on a CUDA device, it is on "
+                         f"{pipe.transformer.device} (use 'auto' to graph only where CUDA is available)")
     unwrap(pipe)
     controller.install()
     object.__setattr__(pipe, _ATTR, controller)
@@ -50,6 +54,15 @@ def trace(pipe) -> Tuple:
     if controller is None:
         raise ValueError("s2fast.trace: this pipeline is not wrapped (call s2fast.wrap(pipe, config) first)")
     return controller.trace()
+
+
+def graph_stats(pipe) -> Optional[dict]:
+    """The block graphs of a wrapped pipeline: {"graphs", "captures", "replays", "eager_calls", "static_bytes",
+    "pool_bytes"}; None when graphs are off (or not decided yet: they are at the first step)."""
+    controller = _controller(pipe)
+    if controller is None or controller.graphs is None:
+        return None
+    return controller.graphs.stats.as_dict()
 
 
 def config_of(pipe) -> Optional[S2Config]:

@@ -14,6 +14,8 @@ StepMasks = Union[Mask, Tuple[Mask, ...]]
 FORK_MODES = ("join", "separate")
 FUSED_STEP = ("auto", True, False)
 STEP_MODES = ("fp32", "exact")
+CUDA_GRAPHS = ("auto", True, False)
+ATTENTION = ("default", "fastest", "flash", "efficient", "cudnn", "math")  # s2fast/attention.py
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,17 @@ class S2Config:
             closer to the exact result than the stock sequence; ``"exact"`` reproduces the unfused sequence's
             rounding op by op, bit for bit (use it to compare with diffusers' own output). Unfused steps are always
             the stock sequence.
+        cuda_graphs: run every transformer block through a captured CUDA graph (s2fast/graphs.py): one graph per
+            (block, lane, shapes), so every mask pattern replays the same graphs and none is recaptured after the
+            first step of a new input shape (which runs a warm-up that captures them all, fork_mode "separate").
+            ``"auto"`` (default) uses them when the transformer is on a CUDA device; ``True`` requires one
+            (ValueError otherwise); ``False`` runs blocks eagerly. ``s2fast.graph_stats(pipe)`` reports the graphs,
+            captures, replays and their memory. Numerics are those of the eager blocks (same kernels, replayed).
+        attention: torch's scaled-dot-product-attention backend for the transformer. ``"default"`` (default) keeps
+            torch's own dispatch, so results are the stock pipeline's; ``"fastest"`` times one prediction under
+            each backend at the first step of an input shape and keeps the fastest (backends round differently:
+            results may change in the last bits); ``"flash"``, ``"efficient"``, ``"cudnn"`` or ``"math"`` forces one.
+            The flash-attn package is diffusers' own option (``transformer.set_attention_backend("flash")``).
     """
 
     omega: float = 0.25
@@ -88,6 +101,8 @@ class S2Config:
     fork_mode: str = "separate"
     fused_step: Union[str, bool] = "auto"
     step_mode: str = "fp32"
+    cuda_graphs: Union[str, bool] = "auto"
+    attention: str = "default"
 
     def __post_init__(self) -> None:
         _check_real("omega", self.omega)
@@ -109,6 +124,10 @@ class S2Config:
             raise ValueError(f"S2Config.fork_mode must be one of {FORK_MODES}, got {self.fork_mode!r}")
         if not (self.fused_step is True or self.fused_step is False or self.fused_step == "auto"):
             raise ValueError(f"S2Config.fused_step must be 'auto', True or False, got {self.fused_step!r}")
+        if not (self.cuda_graphs is True or self.cuda_graphs is False or self.cuda_graphs == "auto"):
+            raise ValueError(f"S2Config.cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"S2Config.attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.step_mode not in STEP_MODES:
             raise ValueError(f"S2Config.step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
         if self.masks is not None:

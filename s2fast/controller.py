@@ -17,9 +17,11 @@ import torch
 
 from . import masks as mask_sampling
 from .adapters.base import FamilyAdapter, StepRequest, find_pipeline_locals
+from .attention import AttentionChoice, attention_backend
 from .config import Mask, S2Config, public_step_form
 from .engine import EngineOptions, predict
 from .fused_step import FusedStep, SchedulerHook, fused_step_for_call
+from .graphs import BlockGraphs, warmup_subnets
 
 # predictor(adapter, model, rows, subnets, options) -> [branch predictions..., sub-network predictions...]
 Predictor = Callable[..., List[torch.Tensor]]
@@ -40,7 +42,8 @@ class _Run:
 
 
 class Controller:
-    def __init__(self, pipe, adapter: FamilyAdapter, config: S2Config, predictor: Predictor = predict):
+    def __init__(self, pipe, adapter: FamilyAdapter, config: S2Config, predictor: Predictor = predict,
+                 graph_backend=None):
         self.pipe_ref = weakref.ref(pipe)
         self.model = pipe.transformer
         self.adapter = adapter
@@ -50,6 +53,13 @@ class Controller:
         self._signature = inspect.signature(type(self.model).forward)
         self._run: Optional[_Run] = None  # the last (or current) pipeline call
         self._scheduler_hooks: List[SchedulerHook] = []  # every scheduler whose step this wrap replaced
+        # Block graphs: decided at the first step (the device is known then); graph_backend overrides the choice
+        # (tests pass graphs.EagerBackend() to run the graph bookkeeping on the CPU).
+        self._graph_backend = graph_backend
+        self.graphs: Optional[BlockGraphs] = None
+        self._graphs_decided = False
+        self._warmed: set = set()
+        self.attention = AttentionChoice(config.attention)
 
     # --- installation ------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -68,7 +78,44 @@ class Controller:
     @property
     def options(self) -> EngineOptions:
         c = self.config
-        return EngineOptions(c.batch_branches, c.reuse_prefix, c.fork_mode)
+        return EngineOptions(c.batch_branches, c.reuse_prefix, c.fork_mode, self.graphs)
+
+    def _decide_graphs(self, device: torch.device) -> None:
+        if self._graphs_decided:
+            return
+        self._graphs_decided = True
+        if self.predictor is not predict:  # another predictor (the naive three-pass reference) runs no blocks here
+            return
+        backend = self._graph_backend
+        if backend is None and self.config.cuda_graphs is not False and device.type == "cuda":
+            from .graphs import CudaGraphBackend
+
+            backend = CudaGraphBackend()
+        if backend is None and self.config.cuda_graphs is True:
+            raise ValueError(f"S2Config.cuda_graphs=True needs the transformer on a CUDA device, it is on {device}")
+        self.graphs = BlockGraphs(backend) if backend is not None else None
+
+    @staticmethod
+    def _input_key(rows) -> Tuple:
+        first = rows.branch(0)
+        return (rows.count, tuple((k, tuple(v.shape), v.dtype) for k, v in first.items() if isinstance(v, torch.Tensor)))
+
+    def _attention_for(self, rows, key: Tuple) -> Optional[str]:
+        """The attention backend for these inputs ("fastest": measured here, eagerly, before any graph capture)."""
+        c = self.config
+        eager = EngineOptions(c.batch_branches, c.reuse_prefix, c.fork_mode, None)
+        subnets = warmup_subnets(self.num_blocks, c)
+        run = lambda: self.predictor(self.adapter, self.model, rows, subnets, eager)  # noqa: E731
+        return self.attention.backend_for(key, run, self.model.device)
+
+    def _warm_up(self, rows, key: Tuple) -> None:
+        """Before the first step of a new input shape: one discarded prediction whose sub-networks fork as early
+        as any mask can, so every (block, lane) graph a later mask needs is captured now, not mid-sampling."""
+        if key in self._warmed:
+            return
+        self._warmed.add(key)
+        subnets = warmup_subnets(self.num_blocks, self.config)
+        self.predictor(self.adapter, self.model, rows, subnets, self.options)
 
     # --- the forward that the pipeline calls ------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -100,7 +147,13 @@ class Controller:
         scheduler's step)."""
         from .kernels import guided_prediction
 
-        preds = self.predictor(self.adapter, self.model, request.rows, subnets, self.options)
+        self._decide_graphs(self.model.device)
+        # the input signature keys graph warm-ups and attention measurements; plain runs skip computing it
+        key = self._input_key(request.rows) if self.graphs is not None or self.config.attention == "fastest" else None
+        with attention_backend(self._attention_for(request.rows, key)):
+            if self.graphs is not None:
+                self._warm_up(request.rows, key)
+            preds = self.predictor(self.adapter, self.model, request.rows, subnets, self.options)
         part = request.guided_part or (lambda p: p)
         branches = request.rows.count
         uncond = part(preds[request.uncond_branch]) if branches == 2 else None

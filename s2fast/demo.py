@@ -1,144 +1,140 @@
-"""The main job (for now): S² on a small SD3-shaped pipeline built from a config, on the CPU.
+"""The main job: CFG and S² side by side on the embedded digits model (a DiT the project trained on real MNIST).
 
-Runs the same prompt three ways — stock CFG, naive three-pass S², s2fast S² (same masks) — and prints the median
-per-step time of each, the ratios to CFG, the block-row floor of DESIGN.md §3 for the masks drawn, and the largest
-difference between the two S² results. Random weights: this shows cost and exactness, not image quality.
-The methods run in interleaved rounds (s2fast/timing.py): a ratio is the median over rounds of the ratio
-measured within one round.
+Samples the same digits (same classes, same initial noise) with stock CFG and with ``s2fast.wrap``'s S², then
+writes a PNG grid per class (CFG left, S² right), scores both sets with the embedded classifier (accuracy for the
+requested class, Fréchet distance in its features to the training images) and reports the time per denoising step
+of each and the block-row floor (DESIGN.md §3) of the masks drawn. Nothing is downloaded: the model, its
+scheduler and the classifier ship in the package (s2fast/digits/weights).
 
-    python -m s2fast.demo            # the embedded default: 24 blocks, hidden 256, 32×32 latents, 77 text tokens
+    python -m s2fast.demo              # 500 digits per method, 20 steps, λ = 4, ω = 0.25 (about 2 min on 2 cores)
     python -m s2fast.demo --help
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import statistics
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 from tqdm.auto import tqdm
 
 import s2fast
-from s2fast import S2Config, tiny
+from s2fast import S2Config
+from s2fast.digits.classifier import load_judge
+from s2fast.digits.evaluate import balanced_labels
+from s2fast.digits.pipeline import load_default_pipeline
 from s2fast.engine import block_rows
-from s2fast.reference import wrap_three_pass
-from s2fast.timing import InterleavedRounds
+from s2fast.quality.plots import digit_grid_png
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    d = tiny.BENCH_SD3
     p = argparse.ArgumentParser(prog="python -m s2fast.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="denoising steps per run (default 10)")
-    p.add_argument("--layers", type=int, default=d.num_layers, help=f"transformer blocks (default {d.num_layers})")
-    p.add_argument("--heads", type=int, default=d.heads, help=f"attention heads (default {d.heads})")
-    p.add_argument("--head-dim", type=int, default=d.head_dim, help=f"head width (default {d.head_dim})")
-    p.add_argument("--latent", type=int, default=d.latent_size, help=f"latent side (default {d.latent_size})")
-    p.add_argument("--tokens", type=int, default=d.text_tokens, help=f"text tokens (default {d.text_tokens})")
+    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale λ (default 4)")
     p.add_argument("--omega", type=float, default=0.25, help="S² scale ω (default 0.25, the paper's)")
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale λ (default 7.5, the paper's for SD3)")
+    p.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
+    p.add_argument("--samples", type=int, default=500, help="digits per method, a multiple of 10 (default 500)")
+    p.add_argument("--per-class", type=int, default=8, help="digits per class in the grid (default 8)")
     p.add_argument("--seed", type=int, default=0, help="noise and mask seed (default 0)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three methods (default 3)")
+    p.add_argument("--batch", type=int, default=250, help="digits per pipeline call (default 250)")
+    p.add_argument("--out", default="s2fast-demo", help="folder for grid.png and metrics.json (default ./s2fast-demo)")
+    p.add_argument("--weights", default=None, help="a trained digits pipeline folder (default: the embedded one)")
     args = p.parse_args(argv)
-    for name in ("steps", "layers", "heads", "head_dim", "latent", "tokens", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.steps < 2:
         p.error("--steps must be at least 2 (the first step's time includes the call's set-up)")
-    if args.latent % 2:
-        p.error("--latent must be even (patch size 2)")
+    if args.per_class < 1 or args.batch < 1:
+        p.error("--per-class and --batch must be at least 1")
+    if args.guidance <= 1:
+        p.error("--guidance must be > 1 (S² is compared with CFG)")
+    try:
+        balanced_labels(args.samples)
+    except ValueError as e:
+        p.error(f"--samples: {e}")
+    if args.samples < 10 * args.per_class:
+        p.error(f"--samples must be at least 10 × --per-class = {10 * args.per_class}")
     return args
 
 
-def _timed_call(pipe, kwargs) -> Tuple[torch.Tensor, List[float]]:
-    """One pipeline call; the time of each step from the pipeline's own step-end callback (the first step, which
-    also pays for the call's set-up, is dropped)."""
+def _sample(pipe, labels, args, bar) -> Dict[str, object]:
+    """Images in [0, 1] and the time of every step but each call's first (which pays the call's set-up)."""
+    step_times: List[float] = []
+    generator = torch.Generator().manual_seed(args.seed)
+    images = []
     stamps: List[float] = []
 
     def on_step_end(_pipe, _i, _t, tensors):
         stamps.append(time.perf_counter())
+        bar.update()
         return tensors
 
-    latents = pipe(**kwargs, callback_on_step_end=on_step_end).images
-    return latents, [b - a for a, b in zip(stamps, stamps[1:])]
+    for i in range(0, len(labels), args.batch):
+        stamps.clear()
+        stamps.append(time.perf_counter())
+        images.append(pipe(labels[i:i + args.batch], guidance_scale=args.guidance, generator=generator,
+                           num_inference_steps=args.steps, output_type="pt", callback_on_step_end=on_step_end).images)
+        step_times += [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    return {"images": torch.cat(images), "step_times": step_times}
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
-    shape = tiny.SD3Shape(num_layers=args.layers, heads=args.heads, head_dim=args.head_dim,
-                          latent_size=args.latent, text_tokens=args.tokens,
-                          joint_attention_dim=args.heads * args.head_dim, pooled_dim=args.heads * args.head_dim)
-    pipe = tiny.sd3_pipeline(shape, with_vae=False)
-    emb = tiny.embeddings(shape)
-    params = sum(p.numel() for p in pipe.transformer.parameters())
-
-    def kwargs(steps):
-        return dict(emb, **tiny.image_size(pipe, shape), num_inference_steps=steps, guidance_scale=args.guidance,
-                    output_type="latent", generator=torch.Generator().manual_seed(args.seed))
-
+    pipe = load_default_pipeline(args.weights) if args.weights else load_default_pipeline()
+    judge = load_judge(args.weights) if args.weights else load_judge()
+    labels = balanced_labels(args.samples)
     config = S2Config(omega=args.omega, seed=args.seed)
-    methods = {
-        "stock CFG": lambda: s2fast.unwrap(pipe),
-        "naive three-pass S²": lambda: wrap_three_pass(pipe, config),
-        "s2fast S²": lambda: s2fast.wrap(pipe, config),
-    }
-    results: Dict[str, torch.Tensor] = {}
-    traces = {}
-
-    def timed(name):
-        def case():
-            methods[name]()
-            results[name], times = _timed_call(pipe, kwargs(args.steps))
-            if name != "stock CFG":
-                traces[name] = s2fast.trace(pipe)
-            bar.update()
-            return statistics.median(times)  # the case's time: its median step, not the whole call
-        return case
-
-    timer = InterleavedRounds({name: timed(name) for name in methods}, seed=args.seed)
-    with tqdm(total=len(methods) * (args.rounds + 1), desc="demo", unit="run") as bar:
-        for setup in methods.values():
-            setup()
-            pipe(**kwargs(2))  # warm-up: first-call allocations and lazy imports stay out of the timings
-            bar.update()
-        for _ in range(args.rounds):
-            timer.run_round()
-    s2fast.unwrap(pipe)
-    if traces["naive three-pass S²"] != traces["s2fast S²"]:
-        raise RuntimeError("s2fast demo: the two S² runs drew different masks; their results are not comparable")
-    step_masks = [(m,) if m else () for m in traces["s2fast S²"]]
-    cfg_rows = 2 * shape.num_layers * args.steps
-    return dict(
-        shape=shape, params=params, times={m: timer.median(m) for m in methods},
-        ratios={m: timer.ratios(m, "stock CFG") for m in methods},
-        floor=sum(block_rows(shape.num_layers, 2, s) for s in step_masks) / cfg_rows,
-        naive_floor=sum(block_rows(shape.num_layers, 2, s, reuse_prefix=False) for s in step_masks) / cfg_rows,
-        s2_difference=(results["s2fast S²"] - results["naive three-pass S²"]).abs().max().item(),
-        s2_effect=(results["s2fast S²"] - results["stock CFG"]).abs().max().item(),
-        masks=traces["s2fast S²"],
-    )
+    calls = -(-len(labels) // args.batch)
+    results = {}
+    # Warm-up: a short call of each method first, so the first timed call does not carry the process's cold
+    # start (allocator growth, lazy imports) and the two methods are timed alike.
+    warm = dict(guidance_scale=args.guidance, num_inference_steps=2, output_type="pt")
+    pipe(labels[:min(args.batch, len(labels))], **warm)
+    with tqdm(total=2 * calls * args.steps, desc="demo (CFG, then S²)", unit="step") as bar:
+        results["CFG"] = _sample(pipe, labels, args, bar)
+        s2fast.wrap(pipe, config)
+        try:
+            pipe(labels[:min(args.batch, len(labels))], **warm)
+            results["S²"] = _sample(pipe, labels, args, bar)
+            masks = s2fast.trace(pipe)
+        finally:
+            s2fast.unwrap(pipe)
+    layers = pipe.transformer.config.num_layers
+    floor = sum(block_rows(layers, 2, (m,) if m else ()) for m in masks) / (2 * layers * args.steps)
+    report = {"guidance": args.guidance, "omega": args.omega, "steps": args.steps, "samples": args.samples,
+              "seed": args.seed, "masks": [list(m) for m in masks], "block_row_floor": floor,
+              "torch": torch.__version__, "device": f"{platform.processor() or platform.machine()}, "
+                                                    f"{torch.get_num_threads()} threads"}
+    for name, r in results.items():
+        scores = judge.score(r["images"] * 2 - 1, labels)
+        report[name] = {**scores, "ms_per_step": 1e3 * statistics.median(r["step_times"])}
+    report["S² / CFG step time"] = report["S²"]["ms_per_step"] / report["CFG"]["ms_per_step"]
+    os.makedirs(args.out, exist_ok=True)
+    per_class = lambda images: torch.stack([images[labels == c][:args.per_class, 0] for c in range(10)])  # noqa: E731
+    digit_grid_png([(f"CFG lam={args.guidance:g}", per_class(results["CFG"]["images"])),
+                    (f"S2 lam={args.guidance:g} w={args.omega:g}", per_class(results["S²"]["images"]))],
+                   os.path.join(args.out, "grid.png"))
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+    return report
 
 
-def report(args, r) -> str:
-    shape, times, ratios = r["shape"], r["times"], r["ratios"]
+def format_report(args, r) -> str:
     lines = [
-        f"s2fast demo: SD3-shaped transformer, {shape.num_layers} blocks, hidden {shape.hidden}, "
-        f"{shape.latent_size}×{shape.latent_size} latents, {shape.text_tokens} text tokens, "
-        f"{r['params'] / 1e6:.1f} M parameters (random weights), fp32",
-        f"{args.steps} steps, λ={args.guidance}, ω={args.omega}, seed {args.seed}, {args.rounds} interleaved rounds; "
-        f"masks: {r['masks']}",
-        f"torch {torch.__version__} on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads",
+        f"s2fast demo: digits DiT (embedded, trained on MNIST), λ={args.guidance:g}, ω={args.omega:g}, "
+        f"{args.steps} Euler steps, {args.samples} digits per method (same classes and noise), seed {args.seed}",
+        f"torch {r['torch']} on {r['device']}",
         "",
-        f"{'method':<22}{'ms/step':>10}{'vs CFG':>9}{'(range over rounds)':>21}{'block-row floor':>17}",
-        *(f"{name:<22}{times[name] * 1e3:>10.1f}{statistics.median(ratios[name]):>9.3f}"
-          f"{f'({min(ratios[name]):.2f}–{max(ratios[name]):.2f})':>21}{floor:>17.3f}"
-          for name, floor in (("stock CFG", 1.0), ("naive three-pass S²", r["naive_floor"]), ("s2fast S²", r["floor"]))),
+        f"{'method':<8}{'accuracy':>10}{'Fréchet':>10}{'ms/step':>10}",
+        *(f"{name:<8}{100 * r[name]['accuracy']:>9.1f}%{r[name]['frechet']:>10.2f}{r[name]['ms_per_step']:>10.1f}"
+          for name in ("CFG", "S²")),
         "",
-        f"largest |s2fast S² − naive S²| over the final latents: {r['s2_difference']:.3g} "
-        f"(batch-size rounding; S² itself moved them by up to {r['s2_effect']:.3g} from CFG)",
-        "Timings on a shared CPU drift by ±10 % between runs; BENCHMARKS.md has 12-round interleaved numbers (make bench).",
+        f"S² step time / CFG step time: {r['S² / CFG step time']:.3f} (block-row floor for these masks: "
+        f"{r['block_row_floor']:.3f}); masks dropped per step: {[tuple(m) for m in r['masks']]}",
+        f"accuracy: the embedded classifier's class equals the requested one; Fréchet: in its features, to the "
+        f"training images (lower is better; {args.samples} digits make it noisy, see benchmarks/quality/README.md)",
+        f"wrote {os.path.join(args.out, 'grid.png')} (CFG left, S² right, one row per class) and metrics.json",
     ]
     return "\n".join(lines)
 
@@ -146,7 +142,7 @@ def report(args, r) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_grad_enabled(False)
-    print(report(args, run(args)))
+    print(format_report(args, run(args)))
 
 
 if __name__ == "__main__":

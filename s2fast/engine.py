@@ -13,11 +13,12 @@ this engine 2L + (L − k − d). The engine never names a model family: the ada
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
 from .adapters.base import BranchRows, FamilyAdapter, LaneState, lora_scale_context, split_lora_scale
+from .graphs import BlockGraphs, flatten_shared
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class EngineOptions:
     batch_branches: bool = True
     reuse_prefix: bool = True
     fork_mode: str = "separate"
+    graphs: Optional[BlockGraphs] = None  # block graphs (s2fast/graphs.py); None runs every block eagerly
 
 
 @dataclass
@@ -71,8 +73,8 @@ def _predict(adapter, model, rows: BranchRows, subnets, options: EngineOptions) 
         while forks and forks[0][0] == j:
             _, output, drops = forks.pop(0)
             _fork(lanes, cond_output, b, _Group(output, drops), joined)
-        for lane in lanes:
-            _run_block(adapter, block, j, lane, b)
+        for lane_id, lane in enumerate(lanes):
+            _run_block(adapter, block, j, lane, b, options.graphs, lane_id)
     predictions: List[Optional[torch.Tensor]] = [None] * (rows.count + len(subnets))
     for lane in lanes:
         out = adapter.head(model, lane.state)
@@ -96,27 +98,43 @@ def _fork(lanes: List[_Lane], cond_output: int, b: int, group: _Group, joined: b
         lanes.append(_Lane(LaneState(flow, [take(t) for t in state.row_consts], state.shared), [group]))
 
 
-def _run_block(adapter, block, j: int, lane: _Lane, b: int) -> None:
+def _run_block(adapter, block, j: int, lane: _Lane, b: int, graphs: Optional[BlockGraphs] = None,
+               lane_id: int = 0) -> None:
     active = [i for i, g in enumerate(lane.groups) if j not in g.drops]
     state = lane.state
+    call = lambda flow, consts: _call_block(adapter, block, j, lane_id, flow, consts, state.shared, graphs)  # noqa: E731
     if len(active) == len(lane.groups):
-        state.flow = adapter.run_block(block, state.flow, state.row_consts, state.shared)
+        state.flow = call(state.flow, state.row_consts)
         return
     if not active:
         return
     if active == list(range(len(active))):  # the common case: the dropping rows are the last ones
         n = len(active) * b
-        part = adapter.run_block(block, [_rows(t, n) for t in state.flow], [t[:n] for t in state.row_consts], state.shared)
+        part = call([_rows(t, n) for t in state.flow], [t[:n] for t in state.row_consts])
         state.flow = [None if new is None else torch.cat([new, old[n:]]) for new, old in zip(part, state.flow)]
         return
     index = torch.cat([torch.arange(i * b, (i + 1) * b) for i in active]).to(state.row_consts[0].device)
-    part = adapter.run_block(
-        block,
-        [None if t is None else t.index_select(0, index) for t in state.flow],
-        [t.index_select(0, index) for t in state.row_consts],
-        state.shared,
-    )
+    part = call([None if t is None else t.index_select(0, index) for t in state.flow],
+                [t.index_select(0, index) for t in state.row_consts])
     state.flow = [None if new is None else old.index_copy(0, index, new) for new, old in zip(part, state.flow)]
+
+
+def _call_block(adapter, block, j: int, lane_id: int, flow, row_consts, shared, graphs: Optional[BlockGraphs]):
+    """adapter.run_block, through block j's graph for this lane when graphs are on (one graph per (block, lane,
+    shapes) serves every mask: the mask only decides which of these calls happen)."""
+    if graphs is None:
+        return adapter.run_block(block, flow, row_consts, shared)
+    flat = flatten_shared(shared)
+    if flat is None:  # a shared value that cannot be part of a graph's key: run eagerly, counted
+        graphs.stats.eager_calls += 1
+        return adapter.run_block(block, flow, row_consts, shared)
+    shared_tensors, rebuild, static = flat
+    nf, nr = len(flow), len(row_consts)
+
+    def fn(tensors: List[Any]):
+        return list(adapter.run_block(block, tensors[:nf], tensors[nf:nf + nr], rebuild(tensors[nf + nr:])))
+
+    return graphs.run((j, lane_id, nf, nr), fn, [*flow, *row_consts, *shared_tensors], static)
 
 
 def _rows(t: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:

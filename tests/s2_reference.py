@@ -101,9 +101,10 @@ def flux_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, widt
     return _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg)
 
 
-def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_masks=1):
+def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_masks=1, null_class=1000):
     """DiTPipeline's loop with three separate forwards: [cond] and [null] rows, and cond with blocks skipped
-    (a DiT block returns its hidden states); Eq. 4 on the eps channels; the scheduler steps the cond half."""
+    (a DiT block returns its hidden states); Eq. 4 on the eps channels; the scheduler steps the cond half.
+    Also DigitsFlowPipeline's loop (null_class=10; its flow-matching scheduler scales no model input)."""
     model = pipe.transformer
     blocks = list(model.transformer_blocks)
     c = model.config.in_channels
@@ -111,7 +112,7 @@ def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_
     b = len(class_labels)
     latents = torch.randn(b, c, size, size, generator=torch.Generator().manual_seed(seed))
     labels = torch.tensor(class_labels)
-    null = torch.full_like(labels, 1000)
+    null = torch.full_like(labels, null_class)
     sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps)
 
@@ -127,7 +128,7 @@ def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_
                 del blocks[i].forward
 
     for i, t in enumerate(sched.timesteps):
-        x = sched.scale_model_input(latents, t)
+        x = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
         u = run(x, null, t) if lam > 1 else None
         cond = run(x, labels, t)
         subs = [run(x, labels, t, m) for m in step_masks(masks, num_masks)[i]]

@@ -32,8 +32,8 @@ def test_import_is_cheap_and_kernels_is_only_a_subpackage():
 def test_public_surface():
     import s2fast
 
-    assert set(s2fast.__all__) == {"S2Config", "wrap", "unwrap", "trace", "__version__"}
-    for name in ("wrap", "unwrap", "trace"):
+    assert set(s2fast.__all__) == {"S2Config", "wrap", "unwrap", "trace", "graph_stats", "__version__"}
+    for name in ("wrap", "unwrap", "trace", "graph_stats"):
         assert callable(getattr(s2fast, name)) and getattr(s2fast, name).__doc__
     fields = [f for f in s2fast.S2Config.__dataclass_fields__ if not f.startswith("_")]
     for f in fields:  # every field documented in the docstring
@@ -56,13 +56,16 @@ def test_every_registered_family_exists_in_diffusers():
 
     import diffusers
 
+    import s2fast.digits
     from s2fast.adapters import _FAMILIES
 
     for pipeline_name, (module, cls) in _FAMILIES.items():
-        assert hasattr(diffusers, pipeline_name), pipeline_name
+        # diffusers' pipelines, and s2fast's own digits pipeline (the embedded default)
+        pipeline = getattr(diffusers, pipeline_name, None) or getattr(s2fast.digits, pipeline_name, None)
+        assert pipeline is not None, pipeline_name
         adapter = getattr(importlib.import_module(module), cls)()
         for model_name in adapter.model_classes:
             assert hasattr(diffusers, model_name), model_name
-        call = inspect.unwrap(getattr(diffusers, pipeline_name).__call__)  # under torch.no_grad's wrapper
+        call = inspect.unwrap(pipeline.__call__)  # under torch.no_grad's wrapper
         for name in adapter.pipeline_locals:  # the locals the adapter reads exist in that pipeline's __call__
             assert name in call.__code__.co_varnames, (pipeline_name, name)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from s2fast.quality.metrics import all_metrics, mmd2, mode_mean_errors, sliced_wasserstein
+from s2fast.quality.metrics import all_metrics, frechet_distance, gaussian_stats, mmd2, mode_mean_errors, sliced_wasserstein
 from s2fast.quality.toys import MIXTURE_1D, MIXTURE_2D, MIXTURES
 
 N = 4000
@@ -47,3 +47,36 @@ def test_all_metrics_keys():
     labels, a, b = truth_pair(MIXTURE_2D)
     m = all_metrics(a, labels, b, MIXTURE_2D.mean_tensor())
     assert set(m) == {"mode_mean_error", "sliced_w1", "mmd2"}
+
+
+def _random_cov(d, seed):
+    a = torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def test_frechet_of_a_gaussian_with_itself_is_zero_and_a_shift_scores_its_square():
+    cov, mean = _random_cov(16, 0), torch.randn(16, dtype=torch.float64)
+    assert abs(frechet_distance(mean, cov, mean, cov)) < 1e-9
+    shift = torch.zeros(16, dtype=torch.float64)
+    shift[3] = 2.0
+    assert frechet_distance(mean + shift, cov, mean, cov) == pytest.approx(4.0, abs=1e-9)
+
+
+def test_frechet_matches_the_closed_form_for_commuting_covariances():
+    # diagonal covariances commute: tr(A + B − 2 (AB)^½) = Σ (√a − √b)²
+    a, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.rand(8, dtype=torch.float64) * 3
+    expected = float(((a.sqrt() - b.sqrt()) ** 2).sum())
+    zero = torch.zeros(8, dtype=torch.float64)
+    assert frechet_distance(zero, torch.diag(a), zero, torch.diag(b)) == pytest.approx(expected, rel=1e-9)
+    # and it is symmetric for non-commuting ones
+    ca, cb = _random_cov(8, 1), _random_cov(8, 2)
+    assert frechet_distance(zero, ca, zero, cb) == pytest.approx(frechet_distance(zero, cb, zero, ca), rel=1e-9)
+
+
+def test_frechet_from_samples_separates_same_from_shifted():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4000, 4, generator=g), torch.randn(4000, 4, generator=g)
+    same = frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    shifted = frechet_distance(*gaussian_stats(a + 1.0), *gaussian_stats(b))
+    assert 0 <= same < 0.02  # sampling error of 4000 draws in 4 dimensions: ~d²/n ≈ 0.005
+    assert shifted == pytest.approx(4.0 + same, abs=0.1)  # |(1, 1, 1, 1)|² = 4

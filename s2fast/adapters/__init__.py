@@ -9,6 +9,7 @@ _FAMILIES = {
     "StableDiffusion3Pipeline": ("s2fast.adapters.sd3", "SD3Adapter"),
     "FluxPipeline": ("s2fast.adapters.flux", "FluxAdapter"),
     "DiTPipeline": ("s2fast.adapters.dit", "DiTAdapter"),
+    "DigitsFlowPipeline": ("s2fast.adapters.dit", "DigitsAdapter"),  # s2fast.digits, the embedded default
 }
 
 SUPPORTED_PIPELINES = tuple(_FAMILIES)

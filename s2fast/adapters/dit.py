@@ -78,3 +78,11 @@ class DiTAdapter(FamilyAdapter):
 
         return StepRequest(rows, float(call_locals["guidance_scale"]) if cfg else None, respond,
                            guided_part=lambda p: p[:, :channels])
+
+
+class DigitsAdapter(DiTAdapter):
+    """s2fast.digits.DigitsFlowPipeline: the same model and rows as DiTPipeline, a flow-matching scheduler and a
+    loop that keeps x_t in ``latents`` and the timestep in ``t``, so the fused step applies."""
+
+    pipeline_locals = DiTAdapter.pipeline_locals + ("latents", "t")  # the fused step reads x_t and the timestep
+    supports_fused_step = True

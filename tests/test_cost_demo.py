@@ -1,8 +1,8 @@
-"""The main job runs end to end (at a reduced size) and reports what it promises."""
+"""The cost demo (SD3-shaped, random weights) runs end to end (at a reduced size) and reports what it promises."""
 
 import pytest
 
-from s2fast import demo
+from s2fast import cost_demo as demo
 
 
 def test_demo_runs_and_reports(capsys):

@@ -1,0 +1,92 @@
+"""End to end on a GPU: SD3-medium-shaped and Flux-dev-shaped transformers (random weights, bf16, 1024², 28 steps),
+stock diffusers CFG against s2fast (CFG and S², each optimisation switchable) and the naive three-pass S².
+
+Each case is one whole pipeline call (output_type="latent": no VAE, no text encoders, the same for every method),
+timed with CUDA events, in interleaved rounds after a warm-up call (which also captures s2fast's block graphs).
+Reported per case: median seconds, ratio to stock CFG, peak memory, and for S² the block-row floor of the masks it
+drew (DESIGN.md §3). Targets (issue 5): s2fast S² end to end ≤ stock CFG; peak memory ≤ stock CFG + 10 %.
+
+    .venv/bin/pytest benchmarks/test_gpu_pipelines.py --benchmark-only -k sd3      # skipped without CUDA
+"""
+
+import pytest
+import torch
+
+import s2fast
+from s2fast import S2Config, tiny
+from s2fast.engine import block_rows
+from s2fast.reference import wrap_three_pass
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="times whole pipelines on a GPU: no CUDA here")
+
+STEPS, ROUNDS = 28, 5
+# SD3-medium: 24 joint blocks, hidden 1536 (24 heads × 64), T5+CLIP context 333 tokens × 4096, 1024² = 128² latents.
+SD3_MEDIUM = tiny.SD3Shape(num_layers=24, heads=24, head_dim=64, latent_size=128, text_tokens=333,
+                           joint_attention_dim=4096, pooled_dim=2048)
+# Flux.1-dev: 19 double + 38 single blocks, hidden 3072 (24 × 128), T5 512 tokens × 4096; 1024² = 64² packed tokens.
+FLUX_DEV = tiny.FluxShape(num_layers=19, num_single_layers=38, heads=24, head_dim=128, latent_size=128,
+                          text_tokens=512, joint_attention_dim=4096, pooled_dim=768)
+
+
+def _pipeline(name):
+    torch.set_default_device("cuda")  # random init on the GPU: a 2–12 B-parameter model initialises in seconds
+    try:
+        if name == "sd3":
+            pipe, shape, scale = tiny.sd3_pipeline(SD3_MEDIUM, dtype=torch.bfloat16, with_vae=False), SD3_MEDIUM, "guidance_scale"
+        else:
+            pipe, shape, scale = tiny.flux_pipeline(FLUX_DEV, dtype=torch.bfloat16, with_vae=False), FLUX_DEV, "true_cfg_scale"
+    finally:
+        torch.set_default_device(None)
+    pipe.to("cuda")
+    kw = {k: v.to("cuda") for k, v in tiny.embeddings(shape, dtype=torch.bfloat16).items()}
+    kw.update(tiny.image_size(pipe, shape), num_inference_steps=STEPS, output_type="latent", **{scale: 5.0})
+    return pipe, kw
+
+
+def _case(pipe, kw, setup):
+    """A case: set the pipeline up, then time one call with CUDA events (and record its peak memory)."""
+    peak = {}
+
+    def case():
+        setup()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        pipe(**kw, generator=torch.Generator("cuda").manual_seed(0))
+        end.record()
+        end.synchronize()
+        peak["MiB"] = max(peak.get("MiB", 0), torch.cuda.max_memory_allocated() / 2**20)
+        return start.elapsed_time(end) / 1e3
+
+    return case, peak
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_end_to_end_vs_stock_cfg(interleaved, name):
+    torch.set_grad_enabled(False)
+    pipe, kw = _pipeline(name)
+    s2 = S2Config(omega=0.25, seed=0)
+    setups = {
+        "stock-cfg": lambda: s2fast.unwrap(pipe),
+        "s2fast-cfg": lambda: s2fast.wrap(pipe, s2.replace(omega=0.0)),
+        "s2fast-s2": lambda: s2fast.wrap(pipe, s2),
+        "s2fast-s2-no-graphs": lambda: s2fast.wrap(pipe, s2.replace(cuda_graphs=False)),
+        "s2fast-s2-no-fused-step": lambda: s2fast.wrap(pipe, s2.replace(fused_step=False)),
+        "naive-three-pass-s2": lambda: wrap_three_pass(pipe, s2.replace(cuda_graphs=False)),
+    }
+    cases, peaks = {}, {}
+    for case_name, setup in setups.items():
+        cases[case_name], peaks[case_name] = _case(pipe, kw, setup)
+    summary = interleaved(f"{name} 1024² {STEPS} steps bf16", cases, "stock-cfg", ROUNDS, self_timed=True)
+    s2fast.wrap(pipe, s2)
+    pipe(**kw)
+    masks = s2fast.trace(pipe)
+    stats = s2fast.graph_stats(pipe)
+    s2fast.unwrap(pipe)
+    blocks = len(pipe.transformer.transformer_blocks) + len(getattr(pipe.transformer, "single_transformer_blocks", []))
+    floor = sum(block_rows(blocks, 2, (m,) if m else ()) for m in masks) / (2 * blocks * STEPS)
+    for case_name, r in summary.items():
+        r["peak_MiB"] = peaks[case_name]["MiB"]
+    summary["s2fast-s2"]["floor"] = floor  # the block-row floor ratio of the masks drawn (DESIGN.md §3)
+    print(f"\n{name}: S² masks {masks}; block-row floor {floor:.3f}× CFG; graphs {stats}")

@@ -1,0 +1,223 @@
+"""Block graphs: one captured graph per (block, lane, input signature), replayed for every mask pattern.
+
+A mask only decides *which* blocks run on *which* lane (engine.py): every block call is then one of a small, fixed
+set — block j on the [uncond, cond] lane at 2B rows, block j on a sub-network lane at B rows (and, for naive S², on
+its n-th sub-network lane). Capturing each of those once serves every mask without recapture: at most
+``num_blocks × (1 + num_masks)`` graphs per shape, whatever masks are drawn (CUDA graphs of the whole model would
+need one per distinct skip list, DESIGN.md §4).
+
+Each graph owns static input buffers; a call copies its tensors in, replays, and returns the graph's static
+outputs. The lane is part of the key, so two lanes of one step never replay the same graph and overwrite each
+other's outputs before the next block has read them (a graph's outputs live until that graph's next replay, one
+denoising step later, by which time the engine has moved on).
+
+Timestep, class labels and temb reach the graphs as row constants copied into static buffers, so a new step needs
+no new graph; shared tensors (rotary embeddings) are copied in too. Non-tensor arguments are part of the key.
+
+The capture mechanism is a backend: ``CudaGraphBackend`` (torch.cuda.CUDAGraph with one memory pool shared by all
+graphs of a wrap) on a GPU, and ``EagerBackend`` — the same static-buffer contract, run eagerly — for tests on
+the CPU: it re-runs the function on the static inputs and writes into the static outputs, so a consumer that kept
+an output past the graph's next replay sees it overwritten exactly as on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+
+Tensors = List[Optional[torch.Tensor]]
+
+
+def _signature(tensors: Sequence[Optional[torch.Tensor]]) -> Tuple:
+    return tuple(None if t is None else (tuple(t.shape), t.dtype, t.device.type, t.device.index) for t in tensors)
+
+
+def _static_like(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _nbytes(tensors: Sequence[Optional[torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class EagerBackend:
+    """CPU stand-in with a CUDA graph's buffer semantics (see the module docstring). Used by the tests."""
+
+    name = "eager"
+
+    def capture(self, fn: Callable[[Tensors], Tensors], static_in: Tensors):
+        static_out = [None if t is None else t.clone() for t in fn(static_in)]
+
+        def replay():
+            for dst, src in zip(static_out, fn(static_in)):
+                if dst is not None:
+                    dst.copy_(src)
+
+        return replay, static_out
+
+    def pool_bytes(self) -> int:
+        return 0
+
+
+class CudaGraphBackend:
+    """torch.cuda.CUDAGraph capture, all graphs of a wrap in one memory pool (they replay one after another on the
+    same stream, so the pool's intermediate buffers can be shared). Warm-up runs on a side stream first, as
+    torch.cuda.graphs' docs require (lazy cuBLAS/attention workspace set-up must not happen during capture)."""
+
+    name = "cuda"
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: List[Any] = []
+
+    def capture(self, fn: Callable[[Tensors], Tensors], static_in: Tensors):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                fn(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = fn(static_in)
+        self.graphs.append(graph)
+        return graph.replay, static_out
+
+    def pool_bytes(self) -> int:
+        # reserved memory of the graphs' private pool, from the allocator's snapshot
+        total = 0
+        for seg in torch.cuda.memory_snapshot():
+            if tuple(seg.get("segment_pool_id", (0, 0))) == tuple(self.pool):
+                total += seg["total_size"]
+        return total
+
+
+@dataclass
+class _Graph:
+    replay: Callable[[], None]
+    static_in: Tensors
+    static_out: Tensors
+    replays: int = 0
+
+
+@dataclass
+class GraphStats:
+    captures: int = 0
+    replays: int = 0
+    eager_calls: int = 0            # calls that ran without a graph (a key that cannot be graphed)
+    static_bytes: int = 0           # static input and output buffers of every graph
+    pool_bytes: int = 0             # the backend's pool (intermediate activations), where it can tell
+    keys: List[Hashable] = field(default_factory=list)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"graphs": len(self.keys), "captures": self.captures, "replays": self.replays,
+                "eager_calls": self.eager_calls, "static_bytes": self.static_bytes, "pool_bytes": self.pool_bytes}
+
+
+class BlockGraphs:
+    """The graphs of one wrapped model. ``run(key, fn, tensors, static)`` returns ``fn(tensors)``, through a graph
+    captured the first time ``(key, shapes, static)`` is seen and replayed after that.
+
+    ``fn`` must depend only on its tensor arguments and on ``static`` (hashable): that is what makes a replay equal
+    to an eager call. ``max_graphs`` bounds the memory: past it, new keys run eagerly (counted in ``eager_calls``)
+    rather than capture.
+    """
+
+    def __init__(self, backend, max_graphs: int = 1024):
+        self.backend = backend
+        self.max_graphs = max_graphs
+        self._graphs: Dict[Hashable, _Graph] = {}
+        self.stats = GraphStats()
+
+    def run(self, key: Hashable, fn: Callable[[Tensors], Tensors], tensors: Tensors, static: Hashable = ()) -> Tensors:
+        full_key = (key, _signature(tensors), static)
+        graph = self._graphs.get(full_key)
+        if graph is None:
+            if len(self._graphs) >= self.max_graphs:
+                self.stats.eager_calls += 1
+                return fn(tensors)
+            graph = self._capture(full_key, fn, tensors)
+        else:
+            for dst, src in zip(graph.static_in, tensors):
+                if dst is not None:
+                    dst.copy_(src)
+        graph.replay()
+        graph.replays += 1
+        self.stats.replays += 1
+        return graph.static_out
+
+    def _capture(self, full_key, fn, tensors) -> _Graph:
+        static_in = [_static_like(t) for t in tensors]
+        for dst, src in zip(static_in, tensors):
+            if dst is not None:
+                dst.copy_(src)
+        replay, static_out = self.backend.capture(fn, static_in)
+        graph = _Graph(replay, static_in, list(static_out))
+        self._graphs[full_key] = graph
+        self.stats.captures += 1
+        self.stats.keys.append(full_key)
+        self.stats.static_bytes += _nbytes(static_in) + _nbytes(graph.static_out)
+        self.stats.pool_bytes = self.backend.pool_bytes()
+        return graph
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+
+def warmup_subnets(num_blocks: int, config) -> Tuple[Tuple[int, ...], ...]:
+    """Sub-networks that fork at the first droppable block p and drop only it: every later mask forks at p or
+    after, so its lanes run a subset of the (block, lane) calls these make (fork_mode "separate")."""
+    p = min(b for b in range(num_blocks) if b not in config.protected_blocks)
+    return ((p,),) * config.num_masks
+
+
+def _freeze(value) -> Optional[Hashable]:
+    """A hashable stand-in for a non-tensor value, or None when it has none (then the call runs eagerly)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("v", value)
+    if isinstance(value, (tuple, list)):
+        items = [_freeze(v) for v in value]
+        return None if any(i is None for i in items) else (type(value).__name__, tuple(items))
+    if isinstance(value, dict):
+        items = [(k, _freeze(v)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))]
+        return None if any(i is None for _, i in items) else ("dict", tuple(items))
+    return None
+
+
+def flatten_shared(shared: Dict[str, Any]):
+    """(tensors, rebuild, static key) for a lane's shared constants: tensors (alone or in a tuple/list, as Flux's
+    rotary (cos, sin)) become graph inputs, copied into static buffers like the flow; everything else must be
+    hashable and joins the key. None when some value is neither."""
+    tensors: List[torch.Tensor] = []
+    layout = []
+    for name, value in shared.items():
+        if isinstance(value, torch.Tensor):
+            layout.append((name, "t", len(tensors)))
+            tensors.append(value)
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            layout.append((name, type(value), (len(tensors), len(value))))
+            tensors.extend(value)
+        else:
+            frozen = _freeze(value)
+            if frozen is None:
+                return None
+            layout.append((name, "v", frozen))
+
+    def rebuild(ts: Sequence[torch.Tensor]) -> Dict[str, Any]:
+        out = {}
+        for (name, kind, where), value in zip(layout, shared.values()):
+            if kind == "t":
+                out[name] = ts[where]
+            elif kind == "v":
+                out[name] = value
+            else:
+                start, n = where
+                out[name] = kind(ts[start:start + n])
+        return out
+
+    static = tuple((name, kind if isinstance(kind, str) else kind.__name__, where if kind == "v" else None)
+                   for name, kind, where in layout)
+    return tensors, rebuild, static
