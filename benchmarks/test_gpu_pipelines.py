@@ -1,5 +1,6 @@
 """End to end on a GPU: SD3-medium-shaped and Flux-dev-shaped transformers (random weights, bf16, 1024², 28 steps),
-stock diffusers CFG against s2fast (CFG and S², each optimisation switchable) and the naive three-pass S².
+stock diffusers CFG against s2fast (CFG and S², each optimisation switchable: block graphs, fused step, regional
+torch.compile with and without graphs) and the naive three-pass S².
 
 Each case is one whole pipeline call (output_type="latent": no VAE, no text encoders, the same for every method),
 timed with CUDA events, in interleaved rounds after a warm-up call (which also captures s2fast's block graphs).
@@ -72,6 +73,8 @@ def test_end_to_end_vs_stock_cfg(interleaved, name):
         "s2fast-cfg": lambda: s2fast.wrap(pipe, s2.replace(omega=0.0)),
         "s2fast-s2": lambda: s2fast.wrap(pipe, s2),
         "s2fast-s2-no-graphs": lambda: s2fast.wrap(pipe, s2.replace(cuda_graphs=False)),
+        "s2fast-s2-compiled-blocks": lambda: s2fast.wrap(pipe, s2.replace(compile_blocks="inductor")),
+        "s2fast-s2-compiled-no-graphs": lambda: s2fast.wrap(pipe, s2.replace(compile_blocks="inductor", cuda_graphs=False)),
         "s2fast-s2-no-fused-step": lambda: s2fast.wrap(pipe, s2.replace(fused_step=False)),
         "naive-three-pass-s2": lambda: wrap_three_pass(pipe, s2.replace(cuda_graphs=False)),
     }

@@ -82,11 +82,18 @@ class S2Config:
             ``"auto"`` (default) uses them when the transformer is on a CUDA device; ``True`` requires one
             (ValueError otherwise); ``False`` runs blocks eagerly. ``s2fast.graph_stats(pipe)`` reports the graphs,
             captures, replays and their memory. Numerics are those of the eager blocks (same kernels, replayed).
+            A different LoRA scale gets its own graphs, and replaced parameter tensors (a LoRA loaded or fused)
+            drop every graph at the next call; other Python-side model changes (set_adapters weights) need a rewrap.
         attention: torch's scaled-dot-product-attention backend for the transformer. ``"default"`` (default) keeps
             torch's own dispatch, so results are the stock pipeline's; ``"fastest"`` times one prediction under
             each backend at the first step of an input shape and keeps the fastest (backends round differently:
             results may change in the last bits); ``"flash"``, ``"efficient"``, ``"cudnn"`` or ``"math"`` forces one.
             The flash-attn package is diffusers' own option (``transformer.set_attention_backend("flash")``).
+        compile_blocks: regional compilation: ``torch.compile`` each transformer block with this backend
+            (``"inductor"``; ``"eager"`` or ``"aot_eager"`` to debug) while wrapped, so one compiled block function
+            serves every mask (a compiled whole model would recompile per skip list). ``None`` (default) compiles
+            nothing. Off by default because inductor's fusions change results in the last bits. unwrap restores
+            the blocks; blocks the user compiled already are left as they are.
     """
 
     omega: float = 0.25
@@ -103,6 +110,7 @@ class S2Config:
     step_mode: str = "fp32"
     cuda_graphs: Union[str, bool] = "auto"
     attention: str = "default"
+    compile_blocks: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_real("omega", self.omega)
@@ -126,6 +134,9 @@ class S2Config:
             raise ValueError(f"S2Config.fused_step must be 'auto', True or False, got {self.fused_step!r}")
         if not (self.cuda_graphs is True or self.cuda_graphs is False or self.cuda_graphs == "auto"):
             raise ValueError(f"S2Config.cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
+        if self.compile_blocks is not None and (not isinstance(self.compile_blocks, str) or not self.compile_blocks):
+            raise ValueError(f"S2Config.compile_blocks must be None or a torch.compile backend name such as "
+                             f"'inductor', got {self.compile_blocks!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"S2Config.attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.step_mode not in STEP_MODES:

@@ -60,12 +60,23 @@ class Controller:
         self._graphs_decided = False
         self._warmed: set = set()
         self.attention = AttentionChoice(config.attention)
+        self._compiled_blocks: List[torch.nn.Module] = []
 
     # --- installation ------------------------------------------------------------------------------------
     def install(self) -> None:
         self.model.forward = self.forward  # nn.Module.__setattr__ stores a plain attribute for a bound method
+        if self.config.compile_blocks:
+            # Regional compilation (nn.Module.compile): the engine calls each block as a module, so the compiled
+            # block serves every mask. Blocks the user compiled are theirs: neither recompiled nor undone.
+            for block in self.adapter.blocks(self.model):
+                if getattr(block, "_compiled_call_impl", None) is None:
+                    block.compile(backend=self.config.compile_blocks)
+                    self._compiled_blocks.append(block)
 
     def uninstall(self) -> None:
+        for block in self._compiled_blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set: the block's own forward again
+        self._compiled_blocks.clear()
         if self.model.__dict__.get("forward") == self.forward:
             del self.model.__dict__["forward"]
         for hook in self._scheduler_hooks:
@@ -152,6 +163,10 @@ class Controller:
         key = self._input_key(request.rows) if self.graphs is not None or self.config.attention == "fastest" else None
         with attention_backend(self._attention_for(request.rows, key)):
             if self.graphs is not None:
+                if "graphs_checked" not in run.memo:  # once per pipeline call: weights replaced since? recapture
+                    run.memo["graphs_checked"] = True
+                    if self.graphs.check_model(self.model):
+                        self._warmed.clear()
                 self._warm_up(request.rows, key)
             preds = self.predictor(self.adapter, self.model, request.rows, subnets, self.options)
         part = request.guided_part or (lambda p: p)

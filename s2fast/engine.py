@@ -12,6 +12,7 @@ this engine 2L + (L − k − d). The engine never names a model family: the ada
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -52,6 +53,9 @@ def predict(
     those blocks skipped)."""
     first = rows.branch(0).get(adapter.attention_kwargs_key)
     _, lora_scale = split_lora_scale(first)
+    if options.graphs is not None:
+        # the LoRA scale is applied to the layers in Python, so a captured graph holds the one it was captured with
+        options.graphs.context = ("lora_scale", lora_scale)
     with lora_scale_context(model, lora_scale):
         return _predict(adapter, model, rows, subnets, options)
 
@@ -113,7 +117,7 @@ def _run_block(adapter, block, j: int, lane: _Lane, b: int, graphs: Optional[Blo
         part = call([_rows(t, n) for t in state.flow], [t[:n] for t in state.row_consts])
         state.flow = [None if new is None else torch.cat([new, old[n:]]) for new, old in zip(part, state.flow)]
         return
-    index = torch.cat([torch.arange(i * b, (i + 1) * b) for i in active]).to(state.row_consts[0].device)
+    index = _row_index(tuple(active), b, state.row_consts[0].device)
     part = call([None if t is None else t.index_select(0, index) for t in state.flow],
                 [t.index_select(0, index) for t in state.row_consts])
     state.flow = [None if new is None else old.index_copy(0, index, new) for new, old in zip(part, state.flow)]
@@ -135,6 +139,13 @@ def _call_block(adapter, block, j: int, lane_id: int, flow, row_consts, shared, 
         return list(adapter.run_block(block, tensors[:nf], tensors[nf:nf + nr], rebuild(tensors[nf + nr:])))
 
     return graphs.run((j, lane_id, nf, nr), fn, [*flow, *row_consts, *shared_tensors], static)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_index(active: Tuple[int, ...], b: int, device: torch.device) -> torch.Tensor:
+    """The rows of the active groups, built once per (groups, B, device): a host-to-device copy every step would
+    make the host wait for the GPU inside the denoising loop."""
+    return torch.cat([torch.arange(i * b, (i + 1) * b) for i in active]).to(device)
 
 
 def _rows(t: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:

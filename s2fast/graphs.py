@@ -57,6 +57,9 @@ class EagerBackend:
 
         return replay, static_out
 
+    def forget(self) -> None:
+        pass
+
     def pool_bytes(self) -> int:
         return 0
 
@@ -86,13 +89,17 @@ class CudaGraphBackend:
         self.graphs.append(graph)
         return graph.replay, static_out
 
+    def forget(self) -> None:
+        self.graphs.clear()  # dropped graphs release their share of the pool
+
     def pool_bytes(self) -> int:
-        # reserved memory of the graphs' private pool, from the allocator's snapshot
-        total = 0
-        for seg in torch.cuda.memory_snapshot():
-            if tuple(seg.get("segment_pool_id", (0, 0))) == tuple(self.pool):
-                total += seg["total_size"]
-        return total
+        # reserved memory of the graphs' private pool, from the allocator's snapshot; 0 where this torch's
+        # snapshot does not name pools (a report, never a reason to fail a capture)
+        try:
+            return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                       if tuple(seg.get("segment_pool_id", ())) == tuple(self.pool))
+        except Exception:
+            return 0
 
 
 @dataclass
@@ -110,11 +117,13 @@ class GraphStats:
     eager_calls: int = 0            # calls that ran without a graph (a key that cannot be graphed)
     static_bytes: int = 0           # static input and output buffers of every graph
     pool_bytes: int = 0             # the backend's pool (intermediate activations), where it can tell
+    invalidations: int = 0          # times every graph was dropped because the model's parameters changed
     keys: List[Hashable] = field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
         return {"graphs": len(self.keys), "captures": self.captures, "replays": self.replays,
-                "eager_calls": self.eager_calls, "static_bytes": self.static_bytes, "pool_bytes": self.pool_bytes}
+                "eager_calls": self.eager_calls, "static_bytes": self.static_bytes, "pool_bytes": self.pool_bytes,
+                "invalidations": self.invalidations}
 
 
 class BlockGraphs:
@@ -131,9 +140,27 @@ class BlockGraphs:
         self.max_graphs = max_graphs
         self._graphs: Dict[Hashable, _Graph] = {}
         self.stats = GraphStats()
+        # Part of every key: state applied to the model in Python that a replay cannot see (the LoRA scale).
+        self.context: Hashable = ()
+        self._fingerprint: Optional[Tuple] = None
+
+    def check_model(self, model) -> bool:
+        """Drop every graph when the model's parameter tensors changed since the last check (a LoRA loaded or
+        fused, weights replaced): a graph reads the storage it was captured with. True when graphs were dropped.
+        Called once per pipeline call (cost: one pass over the parameters)."""
+        fingerprint = tuple((p.data_ptr(), tuple(p.shape), p.dtype) for p in model.parameters())
+        stale = self._fingerprint is not None and fingerprint != self._fingerprint and bool(self._graphs)
+        self._fingerprint = fingerprint
+        if stale:
+            self._graphs.clear()
+            self.backend.forget()
+            self.stats.keys.clear()
+            self.stats.static_bytes = 0
+            self.stats.invalidations += 1
+        return stale
 
     def run(self, key: Hashable, fn: Callable[[Tensors], Tensors], tensors: Tensors, static: Hashable = ()) -> Tensors:
-        full_key = (key, _signature(tensors), static)
+        full_key = (key, _signature(tensors), static, self.context)
         graph = self._graphs.get(full_key)
         if graph is None:
             if len(self._graphs) >= self.max_graphs:

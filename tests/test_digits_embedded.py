@@ -89,6 +89,16 @@ def test_evaluation_runs_end_to_end(tmp_path, offline):
     assert [r["name"] for r in result["rows"]] == ["none", "CFG", "S²", "naive S² (N=4)", "skip block 3"]
     assert all(len(r["per_seed"]) == 2 for r in result["rows"])
     assert "| S² | 2 | 0.5 |" in (tmp_path / "results.md").read_text()
+    evaluate.main(["--samples", "10", "--steps", "2", "--lams", "2", "--extras-omegas", "0.1,0.5", "--kinds", "naive",
+                   "--batch", "10", "--out", str(tmp_path / "extras")])
+    extras = json.loads((tmp_path / "extras" / "results.json").read_text())["rows"]
+    assert [(r["kind"], r["omega"]) for r in extras] == [("naive", 0.1), ("naive", 0.5)]
+
+
+def test_evaluation_rejects_unknown_kinds(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--kinds", "cfg,autoguidance"])
+    assert "--kinds" in capsys.readouterr().err
 
 
 def test_training_is_one_seeded_command(tmp_path):

@@ -113,3 +113,26 @@ def test_auto_is_off_on_the_cpu_and_true_is_refused_there():
     s2fast.unwrap(pipe)
     with pytest.raises(ValueError, match="cuda_graphs"):
         S2Config(cuda_graphs="yes")
+
+
+def test_replaced_weights_or_a_new_lora_scale_are_never_served_by_old_graphs():
+    pipe, kw = _family("sd3")
+    s2fast.wrap(pipe, S2Config(omega=0.5, seed=0), _graph_backend=EagerBackend())
+    try:
+        pipe(**kw, num_inference_steps=3)
+        first = s2fast.graph_stats(pipe)
+        pipe(**kw, num_inference_steps=3)
+        assert s2fast.graph_stats(pipe)["captures"] == first["captures"]  # same weights, same scale: replays
+        # a LoRA scale is applied to the layers in Python: graphs captured under another scale must not serve it
+        pipe(**kw, num_inference_steps=3, joint_attention_kwargs={"scale": 0.5})
+        scaled = s2fast.graph_stats(pipe)
+        assert scaled["captures"] > first["captures"]
+        # replaced parameter tensors (a LoRA fused, weights loaded): a graph reads the storage it captured
+        block = pipe.transformer.transformer_blocks[1]
+        block.ff.net[2].weight = torch.nn.Parameter(block.ff.net[2].weight.detach() * 2)
+        pipe(**kw, num_inference_steps=3)
+        after = s2fast.graph_stats(pipe)
+        assert after["invalidations"] == 1 and after["captures"] > scaled["captures"]
+        assert after["graphs"] <= first["graphs"]  # the old graphs were dropped, not kept beside the new ones
+    finally:
+        s2fast.unwrap(pipe)

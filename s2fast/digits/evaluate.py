@@ -141,7 +141,13 @@ def parse_args(argv=None):
                    help="ω for naive S² and the fixed skip (default 0.25: the paper's ω; the full grid costs 3× more)")
     p.add_argument("--skip-block", type=int, default=3, help="the block the fixed skip drops (default 3, a middle one)")
     p.add_argument("--batch", type=int, default=500, help="images per pipeline call (default 500)")
+    p.add_argument("--kinds", default="none,cfg,s2,naive,skip",
+                   help="methods to run, comma-separated from none,cfg,s2,naive,skip (default all)")
     args = p.parse_args(argv)
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    unknown = set(args.kinds) - {"none", "cfg", "s2", "naive", "skip"}
+    if unknown or not args.kinds:
+        p.error(f"--kinds: unknown or empty {sorted(unknown)}; choose from none,cfg,s2,naive,skip")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
         balanced_labels(args.samples)
@@ -158,7 +164,8 @@ def main(argv=None) -> None:
     if not 0 <= args.skip_block < pipe.transformer.config.num_layers:
         raise SystemExit(f"--skip-block must lie in 0..{pipe.transformer.config.num_layers - 1}")
     judge = load_judge(args.weights) if args.weights else load_judge()
-    methods = grid(args.lams, args.omegas, args.skip_block, extras_omegas=args.extras_omegas)
+    methods = [m for m in grid(args.lams, args.omegas, args.skip_block, extras_omegas=args.extras_omegas)
+               if m.kind in args.kinds]
     start = time.perf_counter()
     rows = evaluate(pipe, judge, methods, args.samples, args.seeds, args.steps, args.batch)
     cfg = pipe.transformer.config
