@@ -114,6 +114,8 @@ class Controller:
     def _attention_for(self, rows, key: Tuple) -> Optional[str]:
         """The attention backend for these inputs ("fastest": measured here, eagerly, before any graph capture)."""
         c = self.config
+        if c.attention != "fastest":  # every step goes through here: nothing to build for a fixed choice
+            return None if c.attention == "default" else c.attention
         eager = EngineOptions(c.batch_branches, c.reuse_prefix, c.fork_mode, None)
         subnets = warmup_subnets(self.num_blocks, c)
         run = lambda: self.predictor(self.adapter, self.model, rows, subnets, eager)  # noqa: E731

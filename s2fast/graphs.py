@@ -196,7 +196,12 @@ class BlockGraphs:
 
 def warmup_subnets(num_blocks: int, config) -> Tuple[Tuple[int, ...], ...]:
     """Sub-networks that fork at the first droppable block p and drop only it: every later mask forks at p or
-    after, so its lanes run a subset of the (block, lane) calls these make (fork_mode "separate")."""
+    after, so its lanes run a subset of the (block, lane) calls these make (fork_mode "separate"). None when no
+    step can run a sub-network (ω = 0, as s2fast's CFG baseline, or explicit masks that are all empty): the
+    sub-network lanes would hold graphs that are never replayed."""
+    explicit = config.step_masks()
+    if config.omega == 0 or (explicit is not None and not any(explicit)):
+        return ()
     p = min(b for b in range(num_blocks) if b not in config.protected_blocks)
     return ((p,),) * config.num_masks
 

@@ -61,6 +61,9 @@ def test_flatten_shared():
 def test_warmup_subnets_fork_at_the_first_droppable_block():
     assert warmup_subnets(8, S2Config()) == ((1,),)
     assert warmup_subnets(8, S2Config(protected_blocks=(0, 1, 2), num_masks=3)) == ((3,),) * 3
+    # s2fast's CFG baseline (ω = 0) and all-empty explicit masks never run a sub-network lane: no graphs for one
+    assert warmup_subnets(8, S2Config(omega=0.0)) == ()
+    assert warmup_subnets(8, S2Config(masks=[(), ()])) == ()
 
 
 def _family(name):

@@ -40,3 +40,30 @@ def test_cuda_graphs_replay_equals_eager_with_no_recapture(name, dtype):
     params = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
     # bounded: static buffers hold a few activations per graph, far below the weights for these shapes
     assert 0 < stats["static_bytes"] < 4 * params + 64 * 2**20
+
+
+def test_no_host_sync_from_s2fast_inside_the_loop():
+    """With graphs and the fused step, s2fast's own code makes the host wait for the GPU nowhere in a call
+    (torch's sync debug mode warns at every synchronising op; diffusers' own code is not judged here)."""
+    import warnings
+
+    shape = tiny.SD3Shape()
+    pipe = tiny.sd3_pipeline(shape, with_vae=False).to("cuda")
+    kw = dict(tiny.embeddings(shape), **tiny.image_size(pipe, shape), output_type="latent", num_inference_steps=6,
+              guidance_scale=4.0)
+    kw = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    s2fast.wrap(pipe, S2Config(omega=0.5, seed=0, cuda_graphs=True, fused_step=True))
+    try:
+        pipe(**kw)  # warm-up: graph capture may synchronise, sampling must not
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                pipe(**kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        s2fast.unwrap(pipe)
+    ours = [f"{w.filename}:{w.lineno}" for w in caught
+            if "synchroniz" in str(w.message).lower() and "/s2fast/" in w.filename.replace("\\", "/")]
+    assert not ours, ours
