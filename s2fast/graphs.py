@@ -135,9 +135,15 @@ class BlockGraphs:
     rather than capture.
     """
 
-    def __init__(self, backend, max_graphs: int = 1024):
+    def __init__(self, backend, max_graphs: int = 1024, chain: bool = True):
         self.backend = backend
         self.max_graphs = max_graphs
+        # chain: an input that is exactly another graph's static output (block j−1's output on the same lane, in
+        # the common case) is read from that buffer rather than copied into one of its own. That halves the
+        # static memory and saves a copy per block; the buffer is only refilled when a later step's input comes
+        # from elsewhere, by which time its producer's output has been consumed (module docstring).
+        self.chain = chain
+        self._outputs: Dict[int, torch.Tensor] = {}  # data_ptr -> static output, for chaining
         self._graphs: Dict[Hashable, _Graph] = {}
         self.stats = GraphStats()
         # Part of every key: state applied to the model in Python that a replay cannot see (the LoRA scale).
@@ -153,6 +159,7 @@ class BlockGraphs:
         self._fingerprint = fingerprint
         if stale:
             self._graphs.clear()
+            self._outputs.clear()
             self.backend.forget()
             self.stats.keys.clear()
             self.stats.static_bytes = 0
@@ -169,24 +176,38 @@ class BlockGraphs:
             graph = self._capture(full_key, fn, tensors)
         else:
             for dst, src in zip(graph.static_in, tensors):
-                if dst is not None:
+                if dst is not None and dst.data_ptr() != src.data_ptr():  # a chained input is already in place
                     dst.copy_(src)
         graph.replay()
         graph.replays += 1
         self.stats.replays += 1
         return graph.static_out
 
+    def _producer_output(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The static output of some graph that ``t`` is exactly (same storage, shape, strides, dtype), or None."""
+        out = self._outputs.get(t.data_ptr()) if self.chain and t is not None else None
+        if out is not None and out.shape == t.shape and out.stride() == t.stride() and out.dtype == t.dtype:
+            return out
+        return None
+
     def _capture(self, full_key, fn, tensors) -> _Graph:
-        static_in = [_static_like(t) for t in tensors]
-        for dst, src in zip(static_in, tensors):
-            if dst is not None:
-                dst.copy_(src)
+        static_in, owned = [], []
+        for t in tensors:
+            buffer = self._producer_output(t)
+            if buffer is None and t is not None:
+                buffer = _static_like(t)
+                buffer.copy_(t)
+                owned.append(buffer)
+            static_in.append(buffer)
         replay, static_out = self.backend.capture(fn, static_in)
         graph = _Graph(replay, static_in, list(static_out))
         self._graphs[full_key] = graph
+        for out in graph.static_out:
+            if out is not None:
+                self._outputs[out.data_ptr()] = out
         self.stats.captures += 1
         self.stats.keys.append(full_key)
-        self.stats.static_bytes += _nbytes(static_in) + _nbytes(graph.static_out)
+        self.stats.static_bytes += _nbytes(owned) + _nbytes(graph.static_out)
         self.stats.pool_bytes = self.backend.pool_bytes()
         return graph
 
