@@ -14,6 +14,12 @@ denoising step later, by which time the engine has moved on).
 Timestep, class labels and temb reach the graphs as row constants copied into static buffers, so a new step needs
 no new graph; shared tensors (rotary embeddings) are copied in too. Non-tensor arguments are part of the key.
 
+Chaining: an input that is exactly another graph's static output — block j−1's output on the same lane — becomes
+the graph's static input as it is (no buffer of its own, no copy). When a later step feeds that graph from
+elsewhere (a sub-network lane forked at another block), the input is copied into that shared buffer, which is
+safe: the producer's output is then not this step's lane state, and nothing else reads it before the producer's
+next replay rewrites it.
+
 The capture mechanism is a backend: ``CudaGraphBackend`` (torch.cuda.CUDAGraph with one memory pool shared by all
 graphs of a wrap) on a GPU, and ``EagerBackend`` — the same static-buffer contract, run eagerly — for tests on
 the CPU: it re-runs the function on the static inputs and writes into the static outputs, so a consumer that kept
@@ -140,8 +146,7 @@ class BlockGraphs:
         self.max_graphs = max_graphs
         # chain: an input that is exactly another graph's static output (block j−1's output on the same lane, in
         # the common case) is read from that buffer rather than copied into one of its own. That halves the
-        # static memory and saves a copy per block; the buffer is only refilled when a later step's input comes
-        # from elsewhere, by which time its producer's output has been consumed (module docstring).
+        # static memory and saves a copy per block; why refilling it from elsewhere is safe: module docstring.
         self.chain = chain
         self._outputs: Dict[int, torch.Tensor] = {}  # data_ptr -> static output, for chaining
         self._graphs: Dict[Hashable, _Graph] = {}
