@@ -15,8 +15,11 @@ import torch
 
 import s2fast
 from s2fast import S2Config, tiny
-from s2fast.engine import block_rows
-from s2fast.reference import wrap_three_pass
+from s2fast.adapters.base import BranchRows
+from s2fast.adapters.sd3 import SD3Adapter
+from s2fast.engine import EngineOptions, block_rows, predict
+from s2fast.graphs import BlockGraphs, CudaGraphBackend
+from s2fast.reference import three_pass, wrap_three_pass
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="times whole pipelines on a GPU: no CUDA here")
 
@@ -29,7 +32,17 @@ FLUX_DEV = tiny.FluxShape(num_layers=19, num_single_layers=38, heads=24, head_di
                           text_tokens=512, joint_attention_dim=4096, pooled_dim=768)
 
 
+_BUILT = {}
+
+
 def _pipeline(name):
+    """The shaped pipeline, built once per session (a 2–12 B-parameter model)."""
+    if name not in _BUILT:
+        _BUILT[name] = _build(name)
+    return _BUILT[name]
+
+
+def _build(name):
     torch.set_default_device("cuda")  # random init on the GPU: a 2–12 B-parameter model initialises in seconds
     try:
         if name == "sd3":
@@ -93,3 +106,54 @@ def test_end_to_end_vs_stock_cfg(interleaved, name):
         r["peak_MiB"] = peaks[case_name]["MiB"]
     summary["s2fast-s2"]["floor"] = floor  # the block-row floor ratio of the masks drawn (DESIGN.md §3)
     print(f"\n{name}: S² masks {masks}; block-row floor {floor:.3f}× CFG; graphs {stats}")
+
+
+# First dropped block k of two dropped blocks (drop_ratio 0.1 of 23 droppable): E[k] = 8, the worst 1, a late 20.
+STEP_MASKS = {"k8": (8, 15), "k1": (1, 12), "k20": (20, 22)}
+
+
+def _timed(fn):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def case():
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return case
+
+
+@pytest.mark.parametrize("mask_name", STEP_MASKS)
+def test_step_vs_floor_sd3_medium(interleaved, mask_name):
+    """One denoising step's transformer work at SD3-medium 1024² (bf16): the target is s2fast S² ≤ 1.03 × its
+    block-row floor × s2fast CFG, both with block graphs, in the same run. Launch overhead is included (events
+    around the host call), since that is what graphs remove."""
+    torch.set_grad_enabled(False)
+    pipe, kw = _pipeline("sd3")
+    model, adapter = pipe.transformer, SD3Adapter()
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, 16, 128, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    stacked = dict(hidden_states=torch.cat([x, x]), timestep=torch.full((2,), 500.0, device="cuda"),
+                   encoder_hidden_states=torch.cat([kw["negative_prompt_embeds"], kw["prompt_embeds"]]),
+                   pooled_projections=torch.cat([kw["negative_pooled_prompt_embeds"], kw["pooled_prompt_embeds"]]),
+                   joint_attention_kwargs=None)
+    rows = BranchRows(adapter.batched_inputs, 2, stacked=stacked)
+    mask = [STEP_MASKS[mask_name]]
+    graphed = EngineOptions(graphs=BlockGraphs(CudaGraphBackend()))
+    cases = {
+        "cfg-stock": _timed(lambda: model(**stacked, return_dict=False)),
+        "cfg-s2fast-graphs": _timed(lambda: predict(adapter, model, rows, [], graphed)),
+        "cfg-s2fast-eager": _timed(lambda: predict(adapter, model, rows, [])),
+        "s2-s2fast-graphs": _timed(lambda: predict(adapter, model, rows, mask, graphed)),
+        "s2-s2fast-eager": _timed(lambda: predict(adapter, model, rows, mask)),
+        "s2-naive-three-pass": _timed(lambda: three_pass(adapter, model, rows, mask, EngineOptions())),
+    }
+    summary = interleaved(f"sd3-medium 1024² step, mask {mask[0]}", cases, "cfg-s2fast-graphs", 2 * ROUNDS,
+                          self_timed=True)
+    floor = block_rows(24, 2, mask) / 48
+    for name in ("s2-s2fast-graphs", "s2-s2fast-eager"):
+        summary[name]["floor"] = floor  # target: ratio ≤ 1.03 × floor for the graphed case
+    summary["s2-naive-three-pass"]["floor"] = block_rows(24, 2, mask, reuse_prefix=False) / 48
+    print(f"\nblock graphs: {graphed.graphs.stats.as_dict()}")
