@@ -18,7 +18,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=500, help="digits per method, a multiple of 10 (default 500)")
     p.add_argument("--per-class", type=int, default=8, help="digits per class in the grid (default 8)")
     p.add_argument("--seed", type=int, default=0, help="noise and mask seed (default 0)")
-    p.add_argument("--batch", type=int, default=250, help="digits per pipeline call (default 250)")
+    p.add_argument("--batch", type=int, default=100, help="digits per pipeline call, one timing round (default 100)")
     p.add_argument("--out", default="s2fast-demo", help="folder for grid.png and metrics.json (default ./s2fast-demo)")
     p.add_argument("--weights", default=None, help="a trained digits pipeline folder (default: the embedded one)")
     args = p.parse_args(argv)
@@ -59,11 +59,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _sample(pipe, labels, args, bar) -> Dict[str, object]:
-    """Images in [0, 1] and the time of every step but each call's first (which pays the call's set-up)."""
-    step_times: List[float] = []
-    generator = torch.Generator().manual_seed(args.seed)
-    images = []
+class _Method:
+    """One method's state across the interleaved calls: its own generator (so both methods draw the same noise
+    call by call), its images, and the median step time of each of its calls."""
+
+    def __init__(self, name: str, seed: int, setup):
+        self.name, self.setup = name, setup
+        self.generator = torch.Generator().manual_seed(seed)
+        self.images: List[torch.Tensor] = []
+        self.call_medians: List[float] = []
+        self.trace: Tuple = ()
+
+
+def _call(pipe, method: _Method, chunk, args, bar) -> None:
+    """One timed call: the time of every step but the first (which pays the call's set-up)."""
     stamps: List[float] = []
 
     def on_step_end(_pipe, _i, _t, tensors):
@@ -71,13 +80,12 @@ def _sample(pipe, labels, args, bar) -> Dict[str, object]:
         bar.update()
         return tensors
 
-    for i in range(0, len(labels), args.batch):
-        stamps.clear()
-        stamps.append(time.perf_counter())
-        images.append(pipe(labels[i:i + args.batch], guidance_scale=args.guidance, generator=generator,
-                           num_inference_steps=args.steps, output_type="pt", callback_on_step_end=on_step_end).images)
-        step_times += [b - a for a, b in zip(stamps[1:], stamps[2:])]
-    return {"images": torch.cat(images), "step_times": step_times}
+    method.setup()
+    stamps.append(time.perf_counter())
+    method.images.append(pipe(chunk, guidance_scale=args.guidance, generator=method.generator,
+                              num_inference_steps=args.steps, output_type="pt", callback_on_step_end=on_step_end).images)
+    method.call_medians.append(statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:])))
+    method.trace = s2fast.trace(pipe) if s2fast.config_of(pipe) is not None else ()
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
@@ -85,35 +93,41 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     judge = load_judge(args.weights) if args.weights else load_judge()
     labels = balanced_labels(args.samples)
     config = S2Config(omega=args.omega, seed=args.seed)
-    calls = -(-len(labels) // args.batch)
-    results = {}
-    # Warm-up: a short call of each method first, so the first timed call does not carry the process's cold
-    # start (allocator growth, lazy imports) and the two methods are timed alike.
+    methods = [_Method("CFG", args.seed, lambda: s2fast.unwrap(pipe)),
+               _Method("S²", args.seed, lambda: s2fast.wrap(pipe, config))]
+    chunks = [labels[i:i + args.batch] for i in range(0, len(labels), args.batch)]
+    # Warm-up: a short call of each method, so no timed call carries the process's cold start. Then the methods
+    # alternate call by call (the order flipping every round), so a shared machine's drifting load falls on both
+    # alike: the reported ratio is the median over rounds of the ratio within a round.
     warm = dict(guidance_scale=args.guidance, num_inference_steps=2, output_type="pt")
-    pipe(labels[:min(args.batch, len(labels))], **warm)
-    with tqdm(total=2 * calls * args.steps, desc="demo (CFG, then S²)", unit="step") as bar:
-        results["CFG"] = _sample(pipe, labels, args, bar)
-        s2fast.wrap(pipe, config)
-        try:
-            pipe(labels[:min(args.batch, len(labels))], **warm)
-            results["S²"] = _sample(pipe, labels, args, bar)
-            masks = s2fast.trace(pipe)
-        finally:
-            s2fast.unwrap(pipe)
+    try:
+        for method in methods:
+            method.setup()
+            pipe(chunks[0], **warm)
+        with tqdm(total=2 * len(chunks) * args.steps, desc="demo (CFG and S², alternating)", unit="step") as bar:
+            for r, chunk in enumerate(chunks):
+                for method in (methods if r % 2 == 0 else methods[::-1]):
+                    _call(pipe, method, chunk, args, bar)
+        masks = methods[1].trace  # the same masks every call: the config's seed fixes them
+    finally:
+        s2fast.unwrap(pipe)
+    results = {m.name: m for m in methods}
+    ratios = [s / c for s, c in zip(results["S²"].call_medians, results["CFG"].call_medians)]
     layers = pipe.transformer.config.num_layers
     floor = sum(block_rows(layers, 2, (m,) if m else ()) for m in masks) / (2 * layers * args.steps)
     report = {"guidance": args.guidance, "omega": args.omega, "steps": args.steps, "samples": args.samples,
               "seed": args.seed, "masks": [list(m) for m in masks], "block_row_floor": floor,
               "torch": torch.__version__, "device": f"{platform.processor() or platform.machine()}, "
                                                     f"{torch.get_num_threads()} threads"}
-    for name, r in results.items():
-        scores = judge.score(r["images"] * 2 - 1, labels)
-        report[name] = {**scores, "ms_per_step": 1e3 * statistics.median(r["step_times"])}
-    report["S² / CFG step time"] = report["S²"]["ms_per_step"] / report["CFG"]["ms_per_step"]
+    for name, m in results.items():
+        scores = judge.score(torch.cat(m.images) * 2 - 1, labels)
+        report[name] = {**scores, "ms_per_step": 1e3 * statistics.median(m.call_medians)}
+    report["S² / CFG step time"] = statistics.median(ratios)
+    report["S² / CFG step time per round"] = ratios
     os.makedirs(args.out, exist_ok=True)
-    per_class = lambda images: torch.stack([images[labels == c][:args.per_class, 0] for c in range(10)])  # noqa: E731
-    digit_grid_png([(f"CFG lam={args.guidance:g}", per_class(results["CFG"]["images"])),
-                    (f"S2 lam={args.guidance:g} w={args.omega:g}", per_class(results["S²"]["images"]))],
+    per_class = lambda m: torch.stack([torch.cat(m.images)[labels == c][:args.per_class, 0] for c in range(10)])  # noqa: E731
+    digit_grid_png([(f"CFG lam={args.guidance:g}", per_class(results["CFG"])),
+                    (f"S2 lam={args.guidance:g} w={args.omega:g}", per_class(results["S²"]))],
                    os.path.join(args.out, "grid.png"))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(report, f, indent=1, ensure_ascii=False)
@@ -130,8 +144,10 @@ def format_report(args, r) -> str:
         *(f"{name:<8}{100 * r[name]['accuracy']:>9.1f}%{r[name]['frechet']:>10.2f}{r[name]['ms_per_step']:>10.1f}"
           for name in ("CFG", "S²")),
         "",
-        f"S² step time / CFG step time: {r['S² / CFG step time']:.3f} (block-row floor for these masks: "
-        f"{r['block_row_floor']:.3f}); masks dropped per step: {[tuple(m) for m in r['masks']]}",
+        f"S² step time / CFG step time: {r['S² / CFG step time']:.3f}, median over {len(r['S² / CFG step time per round'])} "
+        f"alternating rounds (range {min(r['S² / CFG step time per round']):.2f}–{max(r['S² / CFG step time per round']):.2f}); "
+        f"block-row floor for these masks: {r['block_row_floor']:.3f}",
+        f"masks dropped per step: {[tuple(m) for m in r['masks']]}",
         f"accuracy: the embedded classifier's class equals the requested one; Fréchet: in its features, to the "
         f"training images (lower is better; {args.samples} digits make it noisy, see benchmarks/quality/README.md)",
         f"wrote {os.path.join(args.out, 'grid.png')} (CFG left, S² right, one row per class) and metrics.json",
