@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 from .adapters import adapter_for
 from .config import S2Config
-from .controller import Controller, Predictor
+from .controller import Controller, Predictor, cuda_graphs_refusal
 
 _ATTR = "_s2fast_controller"  # where the controller lives on the pipeline object (an instance attribute)
 
@@ -29,9 +29,8 @@ def wrap(pipe, config: Optional[S2Config] = None, *, _predictor: Optional[Predic
     _check_hooks(pipe)
     _check_fused_step(pipe, config, adapter)
     if config.cuda_graphs is True and _graph_backend is None and pipe.transformer.device.type != "cuda":
-        raise ValueError(f"S2Config.cuda_graphs=True needs the transformer on a CUDA device, it is on "
-                         f"{pipe.transformer.device} (use 'auto' to graph only where CUDA is available)")
-    unwrap(pipe)
+        raise ValueError(cuda_graphs_refusal(pipe.transformer.device))
+    _uninstall(pipe, release_graphs=False)  # a re-wrap keeps the captured block graphs: they serve any config
     controller.install()
     object.__setattr__(pipe, _ATTR, controller)
     return pipe
@@ -40,11 +39,15 @@ def wrap(pipe, config: Optional[S2Config] = None, *, _predictor: Optional[Predic
 def unwrap(pipe):
     """Undo :func:`wrap`: the pipeline's outputs are then bit-identical to a never-wrapped pipeline. Returns pipe;
     a pipeline that is not wrapped is returned unchanged."""
+    _uninstall(pipe, release_graphs=True)
+    return pipe
+
+
+def _uninstall(pipe, release_graphs: bool) -> None:
     controller = _controller(pipe)
     if controller is not None:
-        controller.uninstall()
+        controller.uninstall(release_graphs_too=release_graphs)
         del pipe.__dict__[_ATTR]
-    return pipe
 
 
 def trace(pipe) -> Tuple:
@@ -58,7 +61,8 @@ def trace(pipe) -> Tuple:
 
 def graph_stats(pipe) -> Optional[dict]:
     """The block graphs of a wrapped pipeline: {"graphs", "captures", "replays", "eager_calls", "static_bytes",
-    "pool_bytes"}; None when graphs are off (or not decided yet: they are at the first step)."""
+    "pool_bytes", "invalidations"}, counted since the graphs were created (a re-wrap keeps them; unwrap releases
+    them); None when graphs are off (or not decided yet: they are at the first step)."""
     controller = _controller(pipe)
     if controller is None or controller.graphs is None:
         return None

@@ -83,7 +83,9 @@ class S2Config:
             (ValueError otherwise); ``False`` runs blocks eagerly. ``s2fast.graph_stats(pipe)`` reports the graphs,
             captures, replays and their memory. Numerics are those of the eager blocks (same kernels, replayed).
             A different LoRA scale gets its own graphs, and replaced parameter tensors (a LoRA loaded or fused)
-            drop every graph at the next call; other Python-side model changes (set_adapters weights) need a rewrap.
+            drop every graph at the next call; other Python-side model changes (set_adapters weights) need an
+            unwrap and a wrap. Wrapping again with another config keeps the captured graphs (a graph computes one
+            block on one lane, whatever ω or the masks); ``s2fast.unwrap`` releases them and their memory.
         attention: torch's scaled-dot-product-attention backend for the transformer. ``"default"`` (default) keeps
             torch's own dispatch, so results are the stock pipeline's; ``"fastest"`` times one prediction under
             each backend at the first step of an input shape and keeps the fastest (backends round differently:

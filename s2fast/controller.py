@@ -21,7 +21,13 @@ from .attention import AttentionChoice, attention_backend
 from .config import Mask, S2Config, public_step_form
 from .engine import EngineOptions, predict
 from .fused_step import FusedStep, SchedulerHook, fused_step_for_call
-from .graphs import BlockGraphs, warmup_subnets
+from .graphs import BlockGraphs, kept_graphs, release_graphs, warmup_subnets
+
+
+def cuda_graphs_refusal(device) -> str:
+    return (f"S2Config.cuda_graphs=True needs the transformer on a CUDA device, it is on {device} "
+            "(use 'auto' to graph only where CUDA is available)")
+
 
 # predictor(adapter, model, rows, subnets, options) -> [branch predictions..., sub-network predictions...]
 Predictor = Callable[..., List[torch.Tensor]]
@@ -58,7 +64,6 @@ class Controller:
         self._graph_backend = graph_backend
         self.graphs: Optional[BlockGraphs] = None
         self._graphs_decided = False
-        self._warmed: set = set()
         self.attention = AttentionChoice(config.attention)
         self._compiled_blocks: List[torch.nn.Module] = []
 
@@ -73,7 +78,11 @@ class Controller:
                     block.compile(backend=self.config.compile_blocks)
                     self._compiled_blocks.append(block)
 
-    def uninstall(self) -> None:
+    def uninstall(self, release_graphs_too: bool = True) -> None:
+        """Restore the model. The block graphs are kept for a re-wrap (wrap replacing a config) and released
+        otherwise (s2fast.unwrap): they hold device memory."""
+        if release_graphs_too:
+            release_graphs(self.model)
         for block in self._compiled_blocks:
             block._compiled_call_impl = None  # what nn.Module.compile set: the block's own forward again
         self._compiled_blocks.clear()
@@ -97,14 +106,12 @@ class Controller:
         self._graphs_decided = True
         if self.predictor is not predict:  # another predictor (the naive three-pass reference) runs no blocks here
             return
-        backend = self._graph_backend
-        if backend is None and self.config.cuda_graphs is not False and device.type == "cuda":
-            from .graphs import CudaGraphBackend
-
-            backend = CudaGraphBackend()
-        if backend is None and self.config.cuda_graphs is True:
-            raise ValueError(f"S2Config.cuda_graphs=True needs the transformer on a CUDA device, it is on {device}")
-        self.graphs = BlockGraphs(backend) if backend is not None else None
+        if self._graph_backend is not None:
+            self.graphs = kept_graphs(self.model, self._graph_backend)
+        elif self.config.cuda_graphs is not False and device.type == "cuda":
+            self.graphs = kept_graphs(self.model)
+        elif self.config.cuda_graphs is True:
+            raise ValueError(cuda_graphs_refusal(device))
 
     @staticmethod
     def _input_key(rows) -> Tuple:
@@ -117,17 +124,17 @@ class Controller:
         if c.attention != "fastest":  # every step goes through here: nothing to build for a fixed choice
             return None if c.attention == "default" else c.attention
         eager = EngineOptions(c.batch_branches, c.reuse_prefix, c.fork_mode, None)
-        subnets = warmup_subnets(self.num_blocks, c)
-        run = lambda: self.predictor(self.adapter, self.model, rows, subnets, eager)  # noqa: E731
+        run = lambda: self.predictor(self.adapter, self.model, rows, warmup_subnets(self.num_blocks, c), eager)  # noqa: E731
         return self.attention.backend_for(key, run, self.model.device)
 
     def _warm_up(self, rows, key: Tuple) -> None:
         """Before the first step of a new input shape: one discarded prediction whose sub-networks fork as early
         as any mask can, so every (block, lane) graph a later mask needs is captured now, not mid-sampling."""
-        if key in self._warmed:
-            return
-        self._warmed.add(key)
         subnets = warmup_subnets(self.num_blocks, self.config)
+        done = (key, subnets, self.graphs.variant)
+        if done in self.graphs.warmed:  # by this wrap, or by an earlier one of the same model
+            return
+        self.graphs.warmed.add(done)
         self.predictor(self.adapter, self.model, rows, subnets, self.options)
 
     # --- the forward that the pipeline calls ------------------------------------------------------------------
@@ -163,12 +170,13 @@ class Controller:
         self._decide_graphs(self.model.device)
         # the input signature keys graph warm-ups and attention measurements; plain runs skip computing it
         key = self._input_key(request.rows) if self.graphs is not None or self.config.attention == "fastest" else None
-        with attention_backend(self._attention_for(request.rows, key)):
+        backend = self._attention_for(request.rows, key)
+        with attention_backend(backend):
             if self.graphs is not None:
                 if "graphs_checked" not in run.memo:  # once per pipeline call: weights replaced since? recapture
                     run.memo["graphs_checked"] = True
-                    if self.graphs.check_model(self.model):
-                        self._warmed.clear()
+                    self.graphs.check_model(self.model)
+                self.graphs.variant = (backend, self.config.compile_blocks)
                 self._warm_up(request.rows, key)
             preds = self.predictor(self.adapter, self.model, request.rows, subnets, self.options)
         part = request.guided_part or (lambda p: p)

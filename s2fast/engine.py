@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from .adapters.base import BranchRows, FamilyAdapter, LaneState, lora_scale_context, split_lora_scale
-from .graphs import BlockGraphs, flatten_shared
+from .graphs import BlockGraphs
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def _call_block(adapter, block, j: int, lane_id: int, flow, row_consts, shared, 
     shapes) serves every mask: the mask only decides which of these calls happen)."""
     if graphs is None:
         return adapter.run_block(block, flow, row_consts, shared)
-    flat = flatten_shared(shared)
+    flat = graphs.flat_shared(shared)
     if flat is None:  # a shared value that cannot be part of a graph's key: run eagerly, counted
         graphs.stats.eager_calls += 1
         return adapter.run_block(block, flow, row_consts, shared)

@@ -28,6 +28,7 @@ an output past the graph's next replay sees it overwritten exactly as on a GPU.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
@@ -113,7 +114,6 @@ class _Graph:
     replay: Callable[[], None]
     static_in: Tensors
     static_out: Tensors
-    replays: int = 0
 
 
 @dataclass
@@ -151,9 +151,14 @@ class BlockGraphs:
         self._outputs: Dict[int, torch.Tensor] = {}  # data_ptr -> static output, for chaining
         self._graphs: Dict[Hashable, _Graph] = {}
         self.stats = GraphStats()
-        # Part of every key: state applied to the model in Python that a replay cannot see (the LoRA scale).
+        # Part of every key: state a replay cannot see. ``context`` is set by the engine (the LoRA scale, applied
+        # to the layers in Python); ``variant`` by the controller (the attention backend and the block compile the
+        # graphs were captured under), so graphs kept across re-wraps never replay another configuration's kernels.
         self.context: Hashable = ()
+        self.variant: Hashable = ()
+        self.warmed: set = set()  # the controller's warm-ups already done on these graphs
         self._fingerprint: Optional[Tuple] = None
+        self._flat: Optional[Tuple[Dict[str, Any], Any]] = None  # flatten_shared of the last shared dict seen
 
     def check_model(self, model) -> bool:
         """Drop every graph when the model's parameter tensors changed since the last check (a LoRA loaded or
@@ -165,6 +170,7 @@ class BlockGraphs:
         if stale:
             self._graphs.clear()
             self._outputs.clear()
+            self.warmed.clear()
             self.backend.forget()
             self.stats.keys.clear()
             self.stats.static_bytes = 0
@@ -172,7 +178,7 @@ class BlockGraphs:
         return stale
 
     def run(self, key: Hashable, fn: Callable[[Tensors], Tensors], tensors: Tensors, static: Hashable = ()) -> Tensors:
-        full_key = (key, _signature(tensors), static, self.context)
+        full_key = (key, _signature(tensors), static, self.context, self.variant)
         graph = self._graphs.get(full_key)
         if graph is None:
             if len(self._graphs) >= self.max_graphs:
@@ -184,7 +190,6 @@ class BlockGraphs:
                 if dst is not None and dst.data_ptr() != src.data_ptr():  # a chained input is already in place
                     dst.copy_(src)
         graph.replay()
-        graph.replays += 1
         self.stats.replays += 1
         return graph.static_out
 
@@ -216,8 +221,35 @@ class BlockGraphs:
         self.stats.pool_bytes = self.backend.pool_bytes()
         return graph
 
+    def flat_shared(self, shared: Dict[str, Any]):
+        """flatten_shared(shared), computed once per shared dict: every block and lane of a step share one."""
+        if self._flat is None or self._flat[0] is not shared:
+            self._flat = (shared, flatten_shared(shared))
+        return self._flat[1]
+
     def __len__(self) -> int:
         return len(self._graphs)
+
+
+# The graphs of each model, per backend, kept across re-wraps: wrap(pipe, other_config) — changing ω, say — finds
+# the graphs already captured (a graph computes one block on one lane, whatever the config) instead of capturing
+# all of them again. s2fast.unwrap(pipe) releases them; the model's collection releases them too.
+_KEPT: "weakref.WeakKeyDictionary[Any, Dict[Hashable, BlockGraphs]]" = weakref.WeakKeyDictionary()
+
+
+def kept_graphs(model, backend=None) -> BlockGraphs:
+    """``model``'s graphs on ``backend`` (None: the CUDA backend), created at the first request."""
+    per_model = _KEPT.get(model)
+    if per_model is None:
+        per_model = _KEPT[model] = {}
+    key = "cuda" if backend is None else ("backend", id(backend))  # the BlockGraphs holds the backend: ids stay unique
+    if key not in per_model:
+        per_model[key] = BlockGraphs(CudaGraphBackend() if backend is None else backend)
+    return per_model[key]
+
+
+def release_graphs(model) -> None:
+    _KEPT.pop(model, None)
 
 
 def warmup_subnets(num_blocks: int, config) -> Tuple[Tuple[int, ...], ...]:

@@ -175,3 +175,25 @@ def test_chained_and_unchained_graphs_equal_eager_and_chaining_saves_memory(name
     assert torch.equal(results[True], eager) and torch.equal(results[False], eager)
     # separate lanes chain every input but a lane's first; join's partial-row calls (views, cat) chain less
     assert static[True] < (0.75 if fork_mode == "separate" else 1.0) * static[False]
+
+
+def test_a_rewrap_keeps_the_graphs_and_unwrap_releases_them():
+    pipe, kw = _family("dit")
+    backend = EagerBackend()  # the same backend on every wrap: the CPU stand-in for "the GPU of this model"
+    run = lambda: pipe(**kw, num_inference_steps=4)  # noqa: E731
+    s2fast.wrap(pipe, S2Config(omega=0.5, seed=0), _graph_backend=backend)
+    run()
+    captured = s2fast.graph_stats(pipe)["captures"]
+    # another ω, another seed: the same (block, lane) calls, already captured
+    s2fast.wrap(pipe, S2Config(omega=0.25, seed=7), _graph_backend=backend)
+    run()
+    assert s2fast.graph_stats(pipe)["captures"] == captured
+    # another attention backend: graphs captured under the old one must not serve it
+    s2fast.wrap(pipe, S2Config(omega=0.25, seed=7, attention="math"), _graph_backend=backend)
+    run()
+    assert s2fast.graph_stats(pipe)["captures"] > captured
+    s2fast.unwrap(pipe)  # releases them: a later wrap captures afresh
+    s2fast.wrap(pipe, S2Config(omega=0.5, seed=0), _graph_backend=backend)
+    run()
+    assert s2fast.graph_stats(pipe)["captures"] == captured
+    s2fast.unwrap(pipe)

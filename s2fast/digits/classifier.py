@@ -18,7 +18,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..quality.metrics import frechet_distance, gaussian_stats
@@ -108,13 +109,11 @@ def load_judge(weights_dir: str = DEFAULT_WEIGHTS) -> DigitJudge:
     path = os.path.join(weights_dir, CLASSIFIER_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no classifier at {path} (train one: python -m s2fast.digits.classifier)")
-    tensors = load_file(path)
+    with safe_open(path, "pt") as f:  # one read: the tensors and the training run's figures in its metadata
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {k: float(v) for k, v in (f.metadata() or {}).items()}
     model = DigitClassifier()
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        meta = {k: float(v) for k, v in (f.metadata() or {}).items()}
     return DigitJudge(model, tensors["reference.mean"], tensors["reference.cov"], meta)
 
 
