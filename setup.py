@@ -19,7 +19,7 @@ def cuda_extensions():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # torch only when building
 
     ext = CUDAExtension(
-        "s2fast._C",
+        "s2fast.kernels._C",  # kernels/ imports it relatively: it never imports s2fast
         sources,
         include_dirs=[os.path.abspath("csrc")],
         # No fast-math: exact mode relies on IEEE fp32 rounding (__fmul_rn/__fadd_rn are never contracted anyway).

@@ -1,4 +1,4 @@
-"""guided_flow_step through the optional CUDA C++ extension ``s2fast._C`` (csrc/), built only on request:
+"""guided_flow_step through the optional CUDA C++ extension ``s2fast.kernels._C`` (csrc/), built only on request:
 
     S2FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" pip install -e .
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (first: the extension resolves its symbols from torch's libraries)
 
-from s2fast import _C  # noqa: E402
+from . import _C  # noqa: E402
 
 
 def launch(*args) -> None:

@@ -4,6 +4,7 @@
     s2fast.wrap(pipe, cfg)     # the pipeline's own call now samples with S²-Guidance
     s2fast.trace(pipe)         # the masks of the last call
     s2fast.unwrap(pipe)        # restores the pipeline exactly
+    s2fast.register_adapter(MyPipeline, MyAdapter)   # teach wrap another pipeline class
 
 Importing s2fast is cheap: torch and diffusers are imported when wrap is first used.
 """
@@ -11,7 +12,7 @@ Importing s2fast is cheap: torch and diffusers are imported when wrap is first u
 from .config import S2Config
 
 __version__ = "0.1.0"
-__all__ = ["S2Config", "wrap", "unwrap", "trace", "graph_stats", "__version__"]
+__all__ = ["S2Config", "wrap", "unwrap", "trace", "config_of", "graph_stats", "register_adapter", "__version__"]
 
 
 def __getattr__(name):
@@ -19,4 +20,8 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name == "register_adapter":
+        from .adapters import register_adapter
+
+        return register_adapter
     raise AttributeError(f"module 's2fast' has no attribute {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple, Union
 
@@ -15,6 +16,7 @@ FORK_MODES = ("join", "separate")
 FUSED_STEP = ("auto", True, False)
 STEP_MODES = ("fp32", "exact")
 CUDA_GRAPHS = ("auto", True, False)
+MAX_NUM_MASKS = 64  # naive S² averages N sub-networks, one more pass each: a bound, not a tuning knob
 ATTENTION = ("default", "fastest", "flash", "efficient", "cudnn", "math")  # s2fast/attention.py
 
 
@@ -39,7 +41,7 @@ class S2Config:
             positions in the family's ordered block list (Flux: the double-stream blocks, then the single-stream
             ones). Checked against the model at :func:`~s2fast.wrap`.
         num_masks: sub-networks per step. ``1`` is S² (Eq. 4); ``N > 1`` is naive S² (Eq. 3): D_s is the mean of
-            N sub-network predictions, each with its own mask.
+            N sub-network predictions, each with its own mask. At most 64 (each is one more pass per step).
         interval: ``(start, stop)``, the fraction of the steps where S² applies: step ``i`` of ``n`` uses S² when
             ``start ≤ i/n < stop``; the other steps run plain CFG. The paper's ablation finds the central
             ``(0.1, 0.9)`` as good as ``(0.0, 1.0)`` (the default).
@@ -115,21 +117,31 @@ class S2Config:
     compile_blocks: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _check_real("omega", self.omega)
-        if self.omega < 0:
+        # numpy scalars are accepted wherever Python numbers are, and stored as Python numbers (hashable, printable,
+        # and equal configs compare equal)
+        omega = _real("omega", self.omega)
+        if omega < 0:
             raise ValueError(f"S2Config.omega must be >= 0 (it scales the subtracted sub-network term), got {self.omega}")
-        _check_real("drop_ratio", self.drop_ratio)
-        if not 0.0 < self.drop_ratio < 1.0:
+        object.__setattr__(self, "omega", omega)
+        drop_ratio = _real("drop_ratio", self.drop_ratio)
+        if not 0.0 < drop_ratio < 1.0:
             raise ValueError(f"S2Config.drop_ratio must lie in (0, 1), got {self.drop_ratio}")
-        if not _is_int(self.num_masks) or self.num_masks < 1:
-            raise ValueError(f"S2Config.num_masks must be an integer >= 1, got {self.num_masks!r}")
+        object.__setattr__(self, "drop_ratio", drop_ratio)
+        if not _is_int(self.num_masks) or not 1 <= self.num_masks <= MAX_NUM_MASKS:
+            raise ValueError(f"S2Config.num_masks must be an integer from 1 to {MAX_NUM_MASKS} (each mask is one more "
+                             f"sub-network pass per step), got {_short(self.num_masks)}")
+        object.__setattr__(self, "num_masks", int(self.num_masks))
         object.__setattr__(self, "protected_blocks", _index_tuple("protected_blocks", self.protected_blocks))
         object.__setattr__(self, "interval", _interval(self.interval))
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"S2Config.seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
         for name in ("batch_branches", "reuse_prefix"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"S2Config.{name} must be a bool, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or type(value).__name__ == "bool_"):  # numpy's bool too
+                raise ValueError(f"S2Config.{name} must be a bool, got {value!r}")
+            object.__setattr__(self, name, bool(value))
         if self.fork_mode not in FORK_MODES:
             raise ValueError(f"S2Config.fork_mode must be one of {FORK_MODES}, got {self.fork_mode!r}")
         if not (self.fused_step is True or self.fused_step is False or self.fused_step == "auto"):
@@ -184,12 +196,25 @@ class S2Config:
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _check_real(name: str, x) -> None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+def _short(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else f"{text[:20]}…{text[-8:]} ({len(text)} characters)"
+
+
+def _real(name: str, x) -> float:
+    """``x`` as a finite Python float (Python or numpy real numbers), else a ValueError naming the field."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise ValueError(f"S2Config.{name} must be a finite number, got {x!r}")
+    try:
+        value = float(x)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"S2Config.{name} must be a finite number, got {_short(x)} (too large)") from None
+    if not math.isfinite(value):
+        raise ValueError(f"S2Config.{name} must be a finite number, got {x!r}")
+    return value
 
 
 def _as_sequence(name: str, x) -> Sequence:
@@ -205,19 +230,17 @@ def _index_tuple(name: str, x) -> Tuple[int, ...]:
             raise ValueError(f"S2Config.{name} must hold non-negative block indices, got {b!r}")
     if len(set(items)) != len(items):
         raise ValueError(f"S2Config.{name} repeats a block index: {tuple(items)}")
-    return tuple(sorted(items))
+    return tuple(sorted(int(b) for b in items))
 
 
 def _interval(x) -> Tuple[float, float]:
     items = _as_sequence("interval", x)
     if len(items) != 2:
         raise ValueError(f"S2Config.interval must be (start, stop), got {tuple(items)!r}")
-    start, stop = items
-    _check_real("interval", start)
-    _check_real("interval", stop)
+    start, stop = _real("interval", items[0]), _real("interval", items[1])
     if not (0.0 <= start < stop <= 1.0):
         raise ValueError(f"S2Config.interval must satisfy 0 <= start < stop <= 1, got ({start}, {stop})")
-    return (float(start), float(stop))
+    return (start, stop)
 
 
 def _step_masks(i: int, entry, num_masks: int) -> Tuple[Mask, ...]:

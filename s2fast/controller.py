@@ -1,27 +1,34 @@
-"""The per-pipeline controller behind s2fast.wrap: it stands in for the transformer's forward.
+"""The per-pipeline controller behind s2fast.wrap: it answers the denoiser calls of the pipeline's loop.
 
-wrap sets an *instance* attribute ``forward`` on ``pipe.transformer`` (what diffusers' own HookRegistry does), so
-the pipeline object, its config, ``.to()``, ``save_pretrained`` and the transformer's class all stay as they were;
-unwrap deletes the attribute. A call that does not come from the wrapped pipeline's denoising loop (a direct
-``pipe.transformer(...)``, another pipeline sharing the transformer) runs the stock forward.
+s2fast/binding.py sets a ModelForward at the base of each denoiser's forward chain; a call made by the denoising
+loop of a pipeline wrapped with a controller reaches ``Controller.forward`` with the pipeline and the locals of
+its ``__call__`` (every other call runs the stock forward). The controller keeps what lasts across calls — the
+config, the adapter, per-denoiser state (block count, graphs, compiled blocks, attention choice) — and the state of
+the current pipeline call (``_Run``). It holds no reference to its pipeline but a weak one: the pipeline holds it.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from . import binding
 from . import masks as mask_sampling
-from .adapters.base import FamilyAdapter, StepRequest, find_pipeline_locals
+from .adapters import check_model
+from .adapters.base import FamilyAdapter, PipelineLocals, StepRequest
 from .attention import AttentionChoice, attention_backend
 from .config import Mask, S2Config, public_step_form
 from .engine import EngineOptions, predict
 from .fused_step import FusedStep, SchedulerHook, fused_step_for_call
 from .graphs import BlockGraphs, kept_graphs, release_graphs, warmup_subnets
+from .kernels.dispatch import log_once
+
+logger = logging.getLogger("s2fast")
 
 
 def cuda_graphs_refusal(device) -> str:
@@ -29,156 +36,274 @@ def cuda_graphs_refusal(device) -> str:
             "(use 'auto' to graph only where CUDA is available)")
 
 
+OFFLOAD_GRAPHS_REFUSAL = ("S2Config.cuda_graphs=True cannot serve a transformer under enable_model_cpu_offload: a graph "
+                          "reads the weights where it was captured, and offloading moves them at every call (use "
+                          "'auto', which runs such a model without graphs)")
+
 # predictor(adapter, model, rows, subnets, options) -> [branch predictions..., sub-network predictions...]
 Predictor = Callable[..., List[torch.Tensor]]
+
+# model -> the controllers that serve it (a transformer may be shared by pipelines): its ModelForward stays while
+# one of them is active, and graphs are released with the last one.
+_USERS: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _FollowUp:
+    """A value the step's first call computed for the calls the loop makes after it in the same step."""
+
+    step: int
+    value: torch.Tensor
+    remaining: int
 
 
 @dataclass
 class _Run:
-    """The state of one pipeline call: its mask schedule, what it used, and a value to serve a follow-up call."""
+    """The state of one pipeline call: its masks, what it used, and a value to serve a follow-up call."""
 
     timesteps: Any
-    schedule: List[Tuple[Mask, ...]]
+    steps: int
     trace: List[Tuple[Mask, ...]]
+    denoisers: List[Optional[str]]                    # which denoiser attribute ran each step
+    schedules: Dict[int, List[Tuple[Mask, ...]]] = field(default_factory=dict)  # per block count
+    seed: Optional[int] = None                        # drawn once per call when the config's seed is None
     memo: Dict[str, Any] = field(default_factory=dict)
-    served: Optional[Tuple[int, torch.Tensor, int]] = None  # (step, D, follow-up calls left)
+    follow_up: Optional[_FollowUp] = None
     fused: Optional[FusedStep] = None
-    fused_decided: bool = False  # at the call's first step, when the prediction's shape is known
+    fused_decided: bool = False                        # at the call's first step, when the prediction's shape is known
     steps_served: int = 0
+
+    def masks(self, config: S2Config, step: int, num_blocks: int) -> Tuple[Mask, ...]:
+        """This step's masks for a denoiser of ``num_blocks`` blocks (experts may differ in block count)."""
+        if num_blocks not in self.schedules:
+            self.schedules[num_blocks] = mask_sampling.schedule(config, self.steps, num_blocks, seed=self.seed)
+        return self.schedules[num_blocks][step]
+
+
+@dataclass
+class _Denoiser:
+    """What the controller keeps per denoiser model."""
+
+    num_blocks: int
+    signature: inspect.Signature
+    attention: AttentionChoice
+    graphs: Optional[BlockGraphs] = None
+    graphs_decided: bool = False
+    compiled_blocks: List[torch.nn.Module] = field(default_factory=list)
 
 
 class Controller:
-    def __init__(self, pipe, adapter: FamilyAdapter, config: S2Config, predictor: Predictor = predict,
-                 graph_backend=None):
-        self.pipe_ref = weakref.ref(pipe)
-        self.model = pipe.transformer
+    def __init__(self, adapter: FamilyAdapter, config: S2Config, predictor: Predictor = predict, graph_backend=None):
         self.adapter = adapter
         self.config = config
         self.predictor = predictor
-        self.num_blocks = adapter.num_blocks(self.model)
-        self._signature = inspect.signature(type(self.model).forward)
-        self._run: Optional[_Run] = None  # the last (or current) pipeline call
-        self._scheduler_hooks: List[SchedulerHook] = []  # every scheduler whose step this wrap replaced
-        # Block graphs: decided at the first step (the device is known then); graph_backend overrides the choice
-        # (tests pass graphs.EagerBackend() to run the graph bookkeeping on the CPU).
+        # graph_backend overrides the graph choice (tests pass graphs.EagerBackend() to run the bookkeeping on a CPU)
         self._graph_backend = graph_backend
-        self.graphs: Optional[BlockGraphs] = None
-        self._graphs_decided = False
-        self.attention = AttentionChoice(config.attention)
-        self._compiled_blocks: List[torch.nn.Module] = []
+        self.active = False
+        self._owner: Optional[weakref.ref] = None
+        self._models: "weakref.WeakKeyDictionary[torch.nn.Module, _Denoiser]" = weakref.WeakKeyDictionary()
+        self._run: Optional[_Run] = None  # the last (or current) pipeline call
+        self._scheduler_hooks: List[SchedulerHook] = []  # every scheduler whose step this controller replaced
 
-    # --- installation ------------------------------------------------------------------------------------
-    def install(self) -> None:
-        self.model.forward = self.forward  # nn.Module.__setattr__ stores a plain attribute for a bound method
-        if self.config.compile_blocks:
-            # Regional compilation (nn.Module.compile): the engine calls each block as a module, so the compiled
-            # block serves every mask. Blocks the user compiled are theirs: neither recompiled nor undone.
-            for block in self.adapter.blocks(self.model):
-                if getattr(block, "_compiled_call_impl", None) is None:
-                    block.compile(backend=self.config.compile_blocks)
-                    self._compiled_blocks.append(block)
-
-    def uninstall(self, release_graphs_too: bool = True) -> None:
-        """Restore the model. The block graphs are kept for a re-wrap (wrap replacing a config) and released
-        otherwise (s2fast.unwrap): they hold device memory."""
-        if release_graphs_too:
-            release_graphs(self.model)
-        for block in self._compiled_blocks:
-            block._compiled_call_impl = None  # what nn.Module.compile set: the block's own forward again
-        self._compiled_blocks.clear()
-        if self.model.__dict__.get("forward") == self.forward:
-            del self.model.__dict__["forward"]
-        for hook in self._scheduler_hooks:
-            hook.uninstall()
-        self._scheduler_hooks.clear()
-
-    def stock_forward(self, *args, **kwargs):
-        return type(self.model).forward(self.model, *args, **kwargs)
-
+    # --- attachment --------------------------------------------------------------------------------------------
     @property
-    def options(self) -> EngineOptions:
-        c = self.config
-        return EngineOptions(c.batch_branches, c.reuse_prefix, c.fork_mode, self.graphs)
+    def owner(self):
+        return self._owner() if self._owner is not None else None
 
-    def _decide_graphs(self, device: torch.device) -> None:
-        if self._graphs_decided:
+    def denoiser_models(self, pipe) -> List[Tuple[str, torch.nn.Module]]:
+        return [(name, getattr(pipe, name)) for name in self.adapter.denoisers if getattr(pipe, name, None) is not None]
+
+    def serves(self, pipe, model) -> bool:
+        return self.active and any(m is model for _, m in self.denoiser_models(pipe))
+
+    def attach(self, pipe) -> None:
+        """Serve ``pipe``: a ModelForward on each of its denoisers (checked by the caller, s2fast.api)."""
+        self._owner = weakref.ref(pipe)
+        self.active = True
+        for _, model in self.denoiser_models(pipe):
+            self._bind(model)
+
+    def clone(self) -> "Controller":
+        """A controller with the same settings and no state (for a copy of the pipeline)."""
+        clone = Controller(type(self.adapter)(), self.config, self.predictor, self._graph_backend)
+        clone.active = self.active
+        return clone
+
+    def _bind(self, model) -> None:
+        binding.install(model)
+        _USERS.setdefault(model, weakref.WeakSet()).add(self)
+        self.state(model)
+
+    def _release(self, model, release_graphs_too: bool) -> None:
+        state = self._models.pop(model, None)
+        if state is not None:
+            for block in state.compiled_blocks:
+                block._compiled_call_impl = None  # what nn.Module.compile set: the block's own forward again
+        users = _USERS.get(model)
+        if users is not None:
+            users.discard(self)
+        if not any(c.active for c in (users or ())):
+            binding.remove(model)
+            if release_graphs_too:
+                release_graphs(model)
+
+    def detach(self, release_graphs_too: bool = True) -> None:
+        """Stop serving: models nobody else serves get their own forward back. The block graphs are kept for a
+        re-wrap (wrap replacing a config) and released otherwise (s2fast.unwrap): they hold device memory."""
+        self.active = False
+        for model in list(self._models.keys()):
+            self._release(model, release_graphs_too)
+        owner = self.owner
+        schedulers = self._scheduler_hooks + ([SchedulerHook.installed_on(owner.scheduler)] if owner is not None else [])
+        for hook in schedulers:
+            if hook is not None:
+                hook.uninstall()
+        self._scheduler_hooks.clear()
+        self._run = None
+
+    def check_denoisers(self, pipe) -> None:
+        """At the start of a pipeline call: a denoiser replaced since wrap (``pipe.transformer = other``) is served
+        from now on, after the checks wrap makes (ValueError naming the problem otherwise); one removed is released."""
+        current = self.denoiser_models(pipe)
+        for name, model in current:
+            if model in self._models:
+                continue
+            check_attachable(self.adapter, self.config, pipe, name, model, self._graph_backend)
+            self._bind(model)
+            logger.info("s2fast: %s.%s was replaced since s2fast.wrap; S² now serves the new %s",
+                        type(pipe).__name__, name, type(model).__name__)
+        for model in list(self._models.keys()):
+            if not any(model is m for _, m in current):
+                self._release(model, release_graphs_too=True)
+
+    def state(self, model) -> _Denoiser:
+        state = self._models.get(model)
+        if state is None:
+            state = _Denoiser(self.adapter.num_blocks(model), inspect.signature(type(model).forward),
+                              AttentionChoice(self.config.attention))
+            self._models[model] = state
+            if self.config.compile_blocks:
+                # Regional compilation (nn.Module.compile): the engine calls each block as a module, so the compiled
+                # block serves every mask. Blocks the user compiled are theirs: neither recompiled nor undone.
+                for block in self.adapter.blocks(model):
+                    if getattr(block, "_compiled_call_impl", None) is None:
+                        block.compile(backend=self.config.compile_blocks)
+                        state.compiled_blocks.append(block)
+        return state
+
+    # A pickled or deep-copied controller keeps its settings, not its state; the first pipeline that reaches it
+    # (the copy it belongs to) attaches it (s2fast.api._controller).
+    def __getstate__(self):
+        return {"adapter": type(self.adapter), "config": self.config, "predictor": self.predictor, "active": self.active}
+
+    def __setstate__(self, state):
+        self.__init__(state["adapter"](), state["config"], state["predictor"])
+        self.active = state["active"]
+
+    def __deepcopy__(self, memo):
+        return self.clone()
+
+    # --- graphs and attention ---------------------------------------------------------------------------------
+    def options(self, state: _Denoiser) -> EngineOptions:
+        c = self.config
+        return EngineOptions(c.batch_branches, c.reuse_prefix, c.fork_mode, state.graphs)
+
+    def _decide_graphs(self, model, state: _Denoiser) -> None:
+        if state.graphs is not None and binding.model_offloaded(model):
+            # offloading enabled after the graphs were captured: they would be recaptured at every call
+            log_once("s2fast: block graphs dropped: the transformer is under model CPU offload")
+            release_graphs(model)
+            state.graphs = None
+        if state.graphs_decided:
             return
-        self._graphs_decided = True
+        state.graphs_decided = True
         if self.predictor is not predict:  # another predictor (the naive three-pass reference) runs no blocks here
             return
+        offloaded = binding.model_offloaded(model)
+        if self.config.cuda_graphs is True and offloaded:
+            raise ValueError(OFFLOAD_GRAPHS_REFUSAL)
         if self._graph_backend is not None:
-            self.graphs = kept_graphs(self.model, self._graph_backend)
-        elif self.config.cuda_graphs is not False and device.type == "cuda":
-            self.graphs = kept_graphs(self.model)
+            state.graphs = kept_graphs(model, self._graph_backend)
+        elif self.config.cuda_graphs is not False and model.device.type == "cuda" and not offloaded:
+            state.graphs = kept_graphs(model)
         elif self.config.cuda_graphs is True:
-            raise ValueError(cuda_graphs_refusal(device))
+            raise ValueError(cuda_graphs_refusal(model.device))
+        elif offloaded and model.device.type == "cuda":
+            log_once("s2fast: cuda_graphs='auto' runs without block graphs under model CPU offload (offloading moves "
+                     "the weights a graph would read at every call)")
 
     @staticmethod
     def _input_key(rows) -> Tuple:
         first = rows.branch(0)
         return (rows.count, tuple((k, tuple(v.shape), v.dtype) for k, v in first.items() if isinstance(v, torch.Tensor)))
 
-    def _attention_for(self, rows, key: Tuple) -> Optional[str]:
+    def _attention_for(self, model, state: _Denoiser, rows, key: Tuple) -> Optional[str]:
         """The attention backend for these inputs ("fastest": measured here, eagerly, before any graph capture)."""
         c = self.config
         if c.attention != "fastest":  # every step goes through here: nothing to build for a fixed choice
             return None if c.attention == "default" else c.attention
         eager = EngineOptions(c.batch_branches, c.reuse_prefix, c.fork_mode, None)
-        run = lambda: self.predictor(self.adapter, self.model, rows, warmup_subnets(self.num_blocks, c), eager)  # noqa: E731
-        return self.attention.backend_for(key, run, self.model.device)
+        run = lambda: self.predictor(self.adapter, model, rows, warmup_subnets(state.num_blocks, c), eager)  # noqa: E731
+        return state.attention.backend_for(key, run, model.device)
 
-    def _warm_up(self, rows, key: Tuple) -> None:
+    def _warm_up(self, model, state: _Denoiser, rows, key: Tuple) -> None:
         """Before the first step of a new input shape: one discarded prediction whose sub-networks fork as early
         as any mask can, so every (block, lane) graph a later mask needs is captured now, not mid-sampling."""
-        subnets = warmup_subnets(self.num_blocks, self.config)
-        done = (key, subnets, self.graphs.variant)
-        if done in self.graphs.warmed:  # by this wrap, or by an earlier one of the same model
+        subnets = warmup_subnets(state.num_blocks, self.config)
+        done = (key, subnets, state.graphs.variant)
+        if done in state.graphs.warmed:  # by this wrap, or by an earlier one of the same model
             return
-        self.graphs.warmed.add(done)
-        self.predictor(self.adapter, self.model, rows, subnets, self.options)
+        state.graphs.warmed.add(done)
+        self.predictor(self.adapter, model, rows, subnets, self.options(state))
 
     # --- the forward that the pipeline calls ------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        pipe = self.pipe_ref()
-        call_locals = find_pipeline_locals(pipe, self.adapter.pipeline_locals) if pipe is not None else None
-        if call_locals is None:
-            return self.stock_forward(*args, **kwargs)
-        inputs = self._signature.bind(self.model, *args, **kwargs).arguments
+    def forward(self, pipe, model, frame_locals: Dict[str, Any], args: tuple, kwargs: Dict[str, Any]):
+        """One transformer call of ``pipe``'s denoising loop (s2fast/binding.py decided it is one)."""
+        state = self.state(model)
+        call_locals = PipelineLocals(frame_locals, self.adapter, pipe)
+        inputs = state.signature.bind(model, *args, **kwargs).arguments
         inputs.pop("self", None)
         self.adapter.check_call(call_locals, inputs)
-        run = self._run_for(self.adapter.call_schedule(pipe, call_locals))
+        run = self._run_for(pipe, call_locals)
         step = self.adapter.step_index(call_locals, run.steps_served)
-        if self.adapter.is_follow_up(call_locals, inputs):
-            return self._serve(run, step, inputs)
-        if step >= len(run.schedule):
-            raise RuntimeError(f"s2fast: step {step} of a {len(run.schedule)}-step call; the pipeline's loop is not "
+        # The calls of one step come in the loop's order: after the first, the ones it announced are served.
+        follow_up = run.follow_up
+        if follow_up is not None and follow_up.step == step:
+            follow_up.remaining -= 1
+            if follow_up.remaining == 0:
+                run.follow_up = None
+            return self.adapter.follow_up_response(follow_up.value, inputs)
+        if step >= run.steps:
+            raise RuntimeError(f"s2fast: step {step} of a {run.steps}-step call; the pipeline's loop is not "
                                "the one s2fast supports")
         request = self.adapter.request(pipe, call_locals, inputs, run.memo)
-        subnets = run.schedule[step]
-        d, predictions = self._guided(pipe, run, call_locals, request, subnets)
+        subnets = run.masks(self.config, step, state.num_blocks)
+        d, predictions = self._guided(pipe, model, state, run, call_locals, request, subnets)
         run.trace[step] = subnets
+        run.denoisers[step] = next((name for name, m in self.denoiser_models(pipe) if m is model), None)
         run.steps_served += 1
-        follow_ups = request.notes.get("follow_ups", 0)
-        run.served = (step, d, follow_ups) if follow_ups else None
+        run.follow_up = _FollowUp(step, d, request.follow_ups) if request.follow_ups else None
         return request.respond(d, predictions)
 
-    def _guided(self, pipe, run: _Run, call_locals, request: StepRequest, subnets: Tuple[Mask, ...]):
+    def _guided(self, pipe, model, state: _Denoiser, run: _Run, call_locals: PipelineLocals, request: StepRequest,
+                subnets: Tuple[Mask, ...]):
         """(D, the engine's predictions) for this step; with the fused step, x_{t−1} too (stashed for the
         scheduler's step)."""
         from .kernels import guided_prediction
 
-        self._decide_graphs(self.model.device)
+        self._decide_graphs(model, state)
+        graphs = state.graphs
         # the input signature keys graph warm-ups and attention measurements; plain runs skip computing it
-        key = self._input_key(request.rows) if self.graphs is not None or self.config.attention == "fastest" else None
-        backend = self._attention_for(request.rows, key)
+        key = self._input_key(request.rows) if graphs is not None or self.config.attention == "fastest" else None
+        backend = self._attention_for(model, state, request.rows, key)
         with attention_backend(backend):
-            if self.graphs is not None:
-                if "graphs_checked" not in run.memo:  # once per pipeline call: weights replaced since? recapture
-                    run.memo["graphs_checked"] = True
-                    self.graphs.check_model(self.model)
-                self.graphs.variant = (backend, self.config.compile_blocks)
-                self._warm_up(request.rows, key)
-            preds = self.predictor(self.adapter, self.model, request.rows, subnets, self.options)
+            if graphs is not None:
+                if ("graphs_checked", id(model)) not in run.memo:  # once per call: weights replaced since? recapture
+                    run.memo[("graphs_checked", id(model))] = True
+                    graphs.check_model(model)
+                graphs.variant = (backend, self.config.compile_blocks)
+                self._warm_up(model, state, request.rows, key)
+            preds = self.predictor(self.adapter, model, request.rows, subnets, self.options(state))
         part = request.guided_part or (lambda p: p)
         branches = request.rows.count
         uncond = part(preds[request.uncond_branch]) if branches == 2 else None
@@ -187,35 +312,62 @@ class Controller:
             # An adapter without the fused step never gets here with fused_step=True: wrap refuses that.
             run.fused = None
             if self.adapter.supports_fused_step:
-                run.fused = fused_step_for_call(pipe, self.config, call_locals["latents"], cond.shape,
-                                                self._scheduler_hooks)
+                latents, _ = self.adapter.loop_sample(call_locals)
+                run.fused = fused_step_for_call(pipe, self.config, latents, cond.shape, self._scheduler_hooks)
             run.fused_decided = True
         if run.fused is not None:
-            d = run.fused.step(pipe.scheduler, call_locals, cond, uncond, subs, request.guidance_scale,
+            latents, t = self.adapter.loop_sample(call_locals)
+            d = run.fused.step(pipe.scheduler, latents, t, cond, uncond, subs, request.guidance_scale,
                                self.config.omega)
         else:
             d = guided_prediction(cond, uncond, subs, request.guidance_scale, self.config.omega)
         return d, preds
 
-    def _serve(self, run: _Run, step: int, inputs: Dict[str, Any]):
-        if run.served is None or run.served[0] != step or run.served[2] < 1:
-            raise RuntimeError(
-                f"s2fast: step {step} made a second transformer call before the first one; "
-                "the pipeline's loop is not the one s2fast supports"
-            )
-        _, d, left = run.served
-        run.served = (step, d, left - 1) if left > 1 else None
-        return self.adapter.follow_up_response(d, inputs)
-
-    def _run_for(self, timesteps) -> _Run:
+    def _run_for(self, pipe, call_locals: PipelineLocals) -> _Run:
+        timesteps = self.adapter.call_schedule(pipe, call_locals)
         if self._run is None or self._run.timesteps is not timesteps:
-            # A new pipeline call: set_timesteps made a new tensor. Draw its masks before the first step runs, so
-            # a schedule error (explicit masks of the wrong length) is raised before anything is computed.
+            # A new pipeline call: set_timesteps made a new tensor. Hooks added since wrap are checked, and the
+            # masks of the first denoiser drawn, before the first step runs: a schedule error (explicit masks of
+            # the wrong length) is raised before anything is computed.
+            for name, model in self.denoiser_models(pipe):
+                refuse_incompatible_hooks(pipe, name, model, since_wrap=True)
             n = len(timesteps)
-            schedule = mask_sampling.schedule(self.config, n, self.num_blocks)
-            self._run = _Run(timesteps, schedule, [()] * n)
+            seed = self.config.seed if self.config.seed is not None else mask_sampling.fresh_seed()
+            run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed)
+            for _, model in self.denoiser_models(pipe)[:1]:
+                run.masks(self.config, 0, self.state(model).num_blocks)
+            self._run = run
         return self._run
 
     def trace(self) -> Tuple:
         steps = self._run.trace if self._run is not None else []
         return tuple(public_step_form(step, self.config.num_masks) for step in steps)
+
+    def graph_stats(self) -> Optional[Dict[str, int]]:
+        stats = [s.graphs.stats.as_dict() for s in self._models.values() if s.graphs is not None]
+        if not stats:
+            return None
+        return {k: sum(s[k] for s in stats) for k in stats[0]}
+
+
+def refuse_incompatible_hooks(pipe, name: str, model, since_wrap: bool = False) -> None:
+    found = binding.incompatible_hooks(model)
+    if found:
+        when = " (added after s2fast.wrap)" if since_wrap else ""
+        raise ValueError(
+            f"s2fast cannot run S² under what is on {type(pipe).__name__}.{name}{when}: " + "; ".join(found)
+            + ". Remove it (for a cache: transformer.disable_cache()), or s2fast.unwrap the pipeline to use it")
+
+
+def check_attachable(adapter, config: S2Config, pipe, name: str, model, graph_backend=None) -> None:
+    """Every check wrap makes on one denoiser, before anything changes (ValueError naming the problem)."""
+    check_model(adapter, pipe, name, model)
+    config.check_blocks(adapter.num_blocks(model))
+    refuse_incompatible_hooks(pipe, name, model)
+    if binding.find(model) is None and binding.base_slot(model) is None:
+        raise ValueError(binding.unknown_forward_message(model))
+    if config.cuda_graphs is True and graph_backend is None:
+        if binding.model_offloaded(model):
+            raise ValueError(OFFLOAD_GRAPHS_REFUSAL)
+        if model.device.type != "cuda":
+            raise ValueError(cuda_graphs_refusal(model.device))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 
@@ -59,6 +59,14 @@ class SchedulerHook:
             scheduler.step = hook
         return hook
 
+    @staticmethod
+    def installed_on(scheduler) -> Optional["SchedulerHook"]:
+        hook = scheduler.__dict__.get("step") if scheduler is not None else None
+        return hook if isinstance(hook, SchedulerHook) else None
+
+    def __reduce__(self):  # pickling a wrapped pipeline: the unpickled scheduler gets a hook of its own
+        return (SchedulerHook, (self.scheduler_ref(),))
+
     def __deepcopy__(self, memo):
         # copy.deepcopy(scheduler) copies its __dict__, this hook included: the copy must drive the *copied*
         # scheduler (already in memo), never the original one, and owes nothing to a pending fused value.
@@ -97,12 +105,12 @@ class FusedStep:
         sigmas = scheduler.sigmas
         self.dts = (sigmas[1:] - sigmas[:-1]).to(device)
 
-    def step(self, scheduler, call_locals: Dict[str, Any], cond: torch.Tensor, uncond: Optional[torch.Tensor],
+    def step(self, scheduler, latents: torch.Tensor, t, cond: torch.Tensor, uncond: Optional[torch.Tensor],
              subs: Sequence[torch.Tensor], guidance_scale: Optional[float], omega: float) -> torch.Tensor:
-        """Compute and stash x_{t−1} for the scheduler's step; return D for the pipeline."""
+        """Compute and stash x_{t−1} for the scheduler's step from the loop's x_t (``latents``) and ``t``; return D
+        for the pipeline."""
         from .kernels import guided_flow_step
 
-        latents, t = call_locals["latents"], call_locals["t"]
         if scheduler.step_index is None:
             scheduler._init_step_index(t)  # what the stock step would do first; the same index either way
         index = scheduler.step_index

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from .config import Mask, S2Config
 
@@ -39,8 +39,14 @@ def sample_step(seed: int, step: int, cfg: S2Config, num_blocks: int) -> Tuple[M
     return tuple(tuple(sorted(rng.sample(candidates, k))) for _ in range(cfg.num_masks))
 
 
-def schedule(cfg: S2Config, num_steps: int, num_blocks: int) -> List[Tuple[Mask, ...]]:
-    """The sub-network masks of every step of one pipeline call; () where S² is off.
+def fresh_seed() -> int:
+    """A seed for a call of a config whose seed is None (fresh masks per call)."""
+    return secrets.randbits(63)
+
+
+def schedule(cfg: S2Config, num_steps: int, num_blocks: int, seed: Optional[int] = None) -> List[Tuple[Mask, ...]]:
+    """The sub-network masks of every step of one pipeline call; () where S² is off. ``seed`` overrides the
+    config's (a call draws one seed and uses it for every denoiser it runs).
 
     Raises ValueError when explicit masks do not cover exactly ``num_steps`` steps.
     """
@@ -51,7 +57,8 @@ def schedule(cfg: S2Config, num_steps: int, num_blocks: int) -> List[Tuple[Mask,
         if len(explicit) != num_steps:
             raise ValueError(f"S2Config.masks has {len(explicit)} entries, but this call runs {num_steps} denoising steps")
         return list(explicit)
-    seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
+    if seed is None:
+        seed = cfg.seed if cfg.seed is not None else fresh_seed()
     return [
         sample_step(seed, i, cfg, num_blocks) if in_interval(i, num_steps, cfg.interval) else ()
         for i in range(num_steps)

@@ -1,5 +1,6 @@
 """Every bad input raises a clear error and changes nothing: the pipeline stays as it was and keeps working."""
 
+import functools
 import math
 
 import pytest
@@ -104,10 +105,11 @@ def test_wrap_needs_a_config_object(sd3):
 
 def test_foreign_forward_hook_is_refused(sd3):
     model = sd3.pipe.transformer
-    model.forward = model.forward  # someone else's instance forward (a hook)
+    model.forward = functools.partial(type(model).forward, model)  # someone else's instance forward, not a known hook
     try:
-        with pytest.raises(ValueError, match="already replaced"):
+        with pytest.raises(ValueError, match="forward is replaced by functools.partial"):
             s2fast.wrap(sd3.pipe)
+        assert s2fast.config_of(sd3.pipe) is None and "_s2fast_controller" not in sd3.pipe.__dict__
     finally:
         del model.__dict__["forward"]
 

@@ -61,7 +61,7 @@ def test_cuda_extension_unaligned_and_tail_paths(offset):
 def test_cuda_extension_rejects_cpu_tensors_clearly():
     if "cuda" not in backends():
         pytest.skip("the CUDA extension is not built")
-    from s2fast import _C
+    from s2fast.kernels import _C
 
     x = torch.zeros(8)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):

@@ -166,8 +166,10 @@ def test_chained_and_unchained_graphs_equal_eager_and_chaining_saves_memory(name
     try:
         for chain in (True, False):
             s2fast.wrap(pipe, config, _graph_backend=EagerBackend())
-            s2fast.api._controller(pipe)._decide_graphs(pipe.transformer.device)
-            s2fast.api._controller(pipe).graphs.chain = chain
+            controller = s2fast.api._controller(pipe)
+            state = controller.state(pipe.transformer)
+            controller._decide_graphs(pipe.transformer, state)
+            state.graphs.chain = chain
             results[chain] = run()
             static[chain] = s2fast.graph_stats(pipe)["static_bytes"]
     finally:

@@ -10,12 +10,14 @@ A family adapter has two halves:
 
 from __future__ import annotations
 
+import abc
 import contextlib
-import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from .rows import BranchRows
 
 Flow = List[Optional[torch.Tensor]]
 
@@ -30,75 +32,6 @@ class LaneState:
     shared: Dict[str, Any]
 
 
-class BranchRows:
-    """The model inputs of ``count`` branches (uncond, cond, ...) of B rows each.
-
-    ``stacked`` holds all branches concatenated along the batch dimension (what one batched call takes), and
-    ``branch(j)`` one branch's inputs; with two branches, the one that is not ``cond_branch`` is the uncond one.
-    Inputs named in ``batched_keys`` carry the batch dimension; the others
-    (position ids, attention kwargs) are shared and must be equal across branches to be stacked.
-    """
-
-    def __init__(self, batched_keys: Sequence[str], count: int, stacked: Dict[str, Any] = None,
-                 branches: Sequence[Dict[str, Any]] = None, cond_branch: Optional[int] = None):
-        if (stacked is None) == (branches is None):
-            raise ValueError("BranchRows needs exactly one of stacked and branches")
-        self.batched_keys = tuple(batched_keys)
-        self.count = count
-        # Which branch is the conditional one (the sub-networks fork from it): the last by default ([uncond, cond]
-        # or [cond]); DiT's pipeline stacks [cond, uncond].
-        self.cond_branch = count - 1 if cond_branch is None else cond_branch
-        self._stacked = stacked
-        self._branches = list(branches) if branches is not None else None
-        self._unstackable = False
-        if self._branches is not None and len(self._branches) != count:
-            raise ValueError(f"BranchRows: {len(self._branches)} branches given for count={count}")
-
-    @property
-    def rows_per_branch(self) -> int:
-        if self._branches is not None:
-            return self._branches[0]["hidden_states"].shape[0]
-        return self._stacked["hidden_states"].shape[0] // self.count
-
-    def branch(self, j: int) -> Dict[str, Any]:
-        if self._branches is not None:
-            return self._branches[j]
-        b = self.rows_per_branch
-        return {k: (v.narrow(0, j * b, b) if k in self.batched_keys and v is not None else v)
-                for k, v in self._stacked.items()}
-
-    def stacked(self) -> Optional[Dict[str, Any]]:
-        """All branches in one batch, or None when their shared inputs differ (they cannot share a call)."""
-        if self._stacked is None and not self._unstackable:
-            self._stacked = _stack(self._branches, self.batched_keys)
-            self._unstackable = self._stacked is None
-        return self._stacked
-
-
-def _stack(branches: Sequence[Dict[str, Any]], batched_keys: Sequence[str]) -> Optional[Dict[str, Any]]:
-    first = branches[0]
-    out: Dict[str, Any] = {}
-    for k, v in first.items():
-        if k in batched_keys and v is not None:
-            out[k] = torch.cat([b[k] for b in branches], dim=0)
-        elif all(_same(v, b[k]) for b in branches[1:]):
-            out[k] = v
-        else:
-            return None
-    return out
-
-
-def _same(a, b) -> bool:
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-    try:
-        return bool(a == b)
-    except (RuntimeError, TypeError, ValueError):  # e.g. dicts holding tensors: treat as different, run apart
-        return False
-
-
 @dataclass
 class StepRequest:
     """What one pipeline transformer call asks of the engine.
@@ -106,13 +39,15 @@ class StepRequest:
     ``guidance_scale`` is λ when the rows hold [uncond, cond] branches, None when they hold cond only.
     ``respond(D, predictions)`` turns the guided prediction D into the value this call returns to the pipeline
     (``predictions`` are the engine's, for families whose output carries more than what is guided).
+    ``follow_ups`` is how many more transformer calls the pipeline's loop makes in this step (Flux's true CFG calls
+    cond, then uncond): the first call computes every branch and those calls are served its D, in order.
     ``guided_part`` selects what Eq. 4 combines from a prediction (DiT: the eps channels, not the learned sigma).
     """
 
     rows: BranchRows
     guidance_scale: Optional[float]
     respond: Callable[[torch.Tensor, List[torch.Tensor]], Any]
-    notes: Dict[str, Any] = field(default_factory=dict)
+    follow_ups: int = 0
     guided_part: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     @property
@@ -124,59 +59,113 @@ class StepRequest:
         return 1 - self.rows.cond_branch if self.rows.count == 2 else None
 
 
-class FamilyAdapter:
-    """Base of the per-family adapters. Subclasses fill in the class attributes and the model methods."""
+class PipelineLocals:
+    """The locals of a pipeline's ``__call__`` at one transformer call, as an adapter may read them: only the names
+    it declares (``pipeline_locals``, bound at every call, and ``optional_locals``, read only where the loop has set
+    them). diffusers hands the same locals by name to ``callback_on_step_end``, which is what keeps them stable;
+    a declared name the installed pipeline lacks is a clear error, an undeclared read a bug in the adapter."""
+
+    def __init__(self, frame_locals: Dict[str, Any], adapter: "FamilyAdapter", pipe):
+        missing = [name for name in adapter.pipeline_locals if name not in frame_locals]
+        if missing:
+            import diffusers
+
+            raise RuntimeError(
+                f"s2fast cannot read {missing} in {type(pipe).__name__}.__call__ (diffusers {diffusers.__version__}); "
+                "s2fast supports the pipelines of diffusers 0.42"
+            )
+        self._locals = frame_locals
+        self._declared = frozenset(adapter.pipeline_locals) | frozenset(adapter.optional_locals)
+        self._owner = f"{type(adapter).__name__} ({type(pipe).__name__})"
+
+    def _check(self, name: str) -> None:
+        if name not in self._declared:
+            raise RuntimeError(f"s2fast: {self._owner} reads the pipeline local {name!r} without declaring it in "
+                               "pipeline_locals or optional_locals")
+
+    def __getitem__(self, name: str):
+        self._check(name)
+        try:
+            return self._locals[name]
+        except KeyError:
+            raise RuntimeError(f"s2fast: {self._owner}: the pipeline's loop has not set {name!r} here") from None
+
+    def get(self, name: str, default=None):
+        self._check(name)
+        return self._locals.get(name, default)
+
+
+class ModelAdapter(abc.ABC):
+    """The model half of an adapter: what the engine needs to run a family's blocks (s2fast/engine.py). Every
+    method mirrors the family's ``forward`` op for op, so a pass through them is the stock forward."""
 
     model_classes: Tuple[str, ...] = ()
     batched_inputs: Tuple[str, ...] = ()
     attention_kwargs_key: str = "joint_attention_kwargs"
-    # Locals of the pipeline's __call__ that the binding reads; checked once per call for a clear error.
+
+    @abc.abstractmethod
+    def blocks(self, model) -> List[torch.nn.Module]:
+        """The model's blocks in the order its forward runs them (block indices of masks index this list)."""
+
+    @abc.abstractmethod
+    def embed(self, model, inputs: Dict[str, Any]) -> LaneState:
+        """The model's forward up to its first block: the flow, the per-row constants and the shared ones."""
+
+    @abc.abstractmethod
+    def run_block(self, block, flow: Flow, row_consts: List[torch.Tensor], shared: Dict[str, Any]) -> Flow:
+        """One block on one lane's rows."""
+
+    @abc.abstractmethod
+    def head(self, model, state: LaneState) -> torch.Tensor:
+        """The model's forward after its last block: the prediction of every row of the lane."""
+
+    @abc.abstractmethod
+    def skipped_block_output(self, args: tuple, kwargs: Dict[str, Any]) -> Any:
+        """What a skipped block returns when called as the model's forward calls it (``args``, ``kwargs``): its
+        inputs, unchanged, in the block's own return order (the naive three-pass reference uses it)."""
+
+    def num_blocks(self, model) -> int:
+        return len(self.blocks(model))
+
+
+class FamilyAdapter(ModelAdapter):
+    """A model half plus the pipeline half: how one transformer call of the pipeline's denoising loop maps to
+    branches (uncond, cond), the guidance scale, and what value to hand back so that the pipeline's own CFG line
+    yields Eq. 4. Register one for a pipeline class with :func:`s2fast.register_adapter`."""
+
+    # The pipeline attributes that hold the models this adapter drives (several where the loop switches between
+    # experts by step); the controller serves whichever the loop calls.
+    denoisers: Tuple[str, ...] = ("transformer",)
+    # Locals of the pipeline's __call__ the adapter reads (PipelineLocals): bound at every transformer call, or
+    # (optional_locals) read only where the loop has set them. A test checks them against the installed pipelines.
     pipeline_locals: Tuple[str, ...] = ("i", "t", "timesteps", "latents")
-    # Whether the pipeline's loop fits the fused step (x_t in `latents`, `scheduler.step(noise_pred, t, latents)`).
+    optional_locals: Tuple[str, ...] = ()
+    # Whether the pipeline's loop fits the fused step (x_t and t in loop_sample's locals, then
+    # `scheduler.step(noise_pred, t, latents)`).
     supports_fused_step: bool = True
 
-    # --- model -------------------------------------------------------------------------------------------
-    def blocks(self, model) -> List[torch.nn.Module]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def request(self, pipe, call_locals: PipelineLocals, inputs: Dict[str, Any], memo: Dict[str, Any]) -> StepRequest:
+        """What this transformer call asks of the engine (the first call of a step)."""
 
-    def embed(self, model, inputs: Dict[str, Any]) -> LaneState:
-        raise NotImplementedError
-
-    def run_block(self, block, flow: Flow, row_consts: List[torch.Tensor], shared: Dict[str, Any]) -> Flow:
-        raise NotImplementedError
-
-    def head(self, model, state: LaneState) -> torch.Tensor:
-        raise NotImplementedError
-
-    def skipped_block_output(self, args: tuple, kwargs: Dict[str, Any]) -> Any:
-        """What a skipped block returns, in the block's own return order: its inputs, unchanged."""
-        raise NotImplementedError
-
-    # --- pipeline ------------------------------------------------------------------------------------------
-    def request(self, pipe, call_locals: Dict[str, Any], inputs: Dict[str, Any], memo: Dict[str, Any]) -> StepRequest:
-        raise NotImplementedError
-
-    def call_schedule(self, pipe, call_locals: Dict[str, Any]):
+    def call_schedule(self, pipe, call_locals: PipelineLocals):
         """The call's timesteps: a new object for every pipeline call (set_timesteps makes one), len() = steps."""
         return call_locals["timesteps"]
 
-    def step_index(self, call_locals: Dict[str, Any], steps_so_far: int) -> int:
+    def step_index(self, call_locals: PipelineLocals, steps_so_far: int) -> int:
         """This step's index; ``steps_so_far`` counts the steps of this call already served."""
         return int(call_locals["i"])
 
-    def is_follow_up(self, call_locals: Dict[str, Any], inputs: Dict[str, Any]) -> bool:
-        """True for a second transformer call of the same step whose value was computed by the first one."""
-        return False
+    def loop_sample(self, call_locals: PipelineLocals) -> Tuple[torch.Tensor, Any]:
+        """(x_t, t) as the loop will pass them to ``scheduler.step``: what the fused step computes x_{t−1} from."""
+        return call_locals["latents"], call_locals["t"]
 
     def follow_up_response(self, d: torch.Tensor, inputs: Dict[str, Any]):
         """The value a follow-up call returns, given the D its step's first call computed."""
         return model_output(d, inputs.get("return_dict", True))
 
-    def check_call(self, call_locals: Dict[str, Any], inputs: Dict[str, Any]) -> None:
+    def check_call(self, call_locals: PipelineLocals, inputs: Dict[str, Any]) -> None:
         """Raise a clear error for pipeline features that S² cannot serve (checked at each call)."""
-
-    def num_blocks(self, model) -> int:
-        return len(self.blocks(model))
 
 
 class TwoStreamAdapter(FamilyAdapter):
@@ -221,31 +210,6 @@ def model_output(value: torch.Tensor, return_dict: bool):
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
     return Transformer2DModelOutput(sample=value)
-
-
-def find_pipeline_locals(pipe, required: Sequence[str], max_depth: int = 24) -> Optional[Dict[str, Any]]:
-    """The locals of ``pipe.__call__`` when the current transformer call comes from its denoising loop, else None.
-
-    diffusers exposes the same locals by name to ``callback_on_step_end``; reading them here lets a wrapped
-    pipeline keep its own ``__call__``. A missing name means an unsupported diffusers version: a clear error.
-    """
-    frame = sys._getframe(2)
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe:
-            found = frame.f_locals
-            missing = [name for name in required if name not in found]
-            if missing:
-                import diffusers
-
-                raise RuntimeError(
-                    f"s2fast cannot read {missing} in {type(pipe).__name__}.__call__ (diffusers {diffusers.__version__}); "
-                    "s2fast supports the pipelines of diffusers 0.42"
-                )
-            return found
-        frame = frame.f_back
-    return None
 
 
 def split_lora_scale(kwargs: Optional[Dict[str, Any]]) -> Tuple[Optional[Dict[str, Any]], float]:

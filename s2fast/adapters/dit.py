@@ -42,6 +42,9 @@ class DiTAdapter(FamilyAdapter):
                        class_labels=row_consts[1])
         return [hidden]
 
+    def skipped_block_output(self, args, kwargs):
+        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # a DiT block returns hidden only
+
     def head(self, model, state: LaneState) -> torch.Tensor:
         hidden = state.flow[0]
         timestep, class_labels = state.row_consts
@@ -79,10 +82,3 @@ class DiTAdapter(FamilyAdapter):
         return StepRequest(rows, float(call_locals["guidance_scale"]) if cfg else None, respond,
                            guided_part=lambda p: p[:, :channels])
 
-
-class DigitsAdapter(DiTAdapter):
-    """s2fast.digits.DigitsFlowPipeline: the same model and rows as DiTPipeline, a flow-matching scheduler and a
-    loop that keeps x_t in ``latents`` and the timestep in ``t``, so the fused step applies."""
-
-    pipeline_locals = DiTAdapter.pipeline_locals + ("latents", "t")  # the fused step reads x_t and the timestep
-    supports_fused_step = True

@@ -7,7 +7,10 @@ Rotary embeddings have no batch dimension: one per lane, shared by its rows.
 Pipeline: true CFG (``true_cfg_scale > 1`` with negative embeddings) makes two calls per step, cond then uncond,
 each under ``transformer.cache_context``. The cond call computes uncond, cond and the sub-networks batched (the
 negative embeddings are already encoded: the pipeline's locals hold them) and returns D; the uncond call is served
-the same D, so the pipeline's ``neg + λ(cond − neg)`` yields D exactly. Without true CFG, D = C − ω(S − C).
+the same D, so the pipeline's ``neg + λ(cond − neg)`` yields D exactly. The two calls are told apart by their order
+in the step, never by which tensors they pass (a negative prompt may be the prompt's own tensor). Batch-1 prompt
+embeddings with ``num_images_per_prompt`` > 1 are broadcast to the latents' rows, as the stock forward broadcasts
+them. Without true CFG, D = C − ω(S − C).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ class FluxAdapter(TwoStreamAdapter):
     model_classes = ("FluxTransformer2DModel",)
     batched_inputs = ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states")
     shared_inputs = ("txt_ids", "img_ids")
-    pipeline_locals = ("i", "t", "timesteps", "latents", "do_true_cfg", "true_cfg_scale", "negative_image_embeds")
+    pipeline_locals = ("i", "t", "timesteps", "latents", "do_true_cfg", "true_cfg_scale", "negative_image_embeds",
+                       "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+    optional_locals = ("negative_text_ids",)  # set by the loop only with true CFG
     unsupported_inputs = {
         "controlnet_block_samples": "ControlNet residuals",
         "controlnet_single_block_samples": "ControlNet residuals",
@@ -58,12 +63,6 @@ class FluxAdapter(TwoStreamAdapter):
         if call_locals["negative_image_embeds"] is not None:
             raise ValueError("s2fast does not support IP-Adapter yet; unwrap the pipeline (s2fast.unwrap) to use it")
 
-    def is_follow_up(self, call_locals, inputs) -> bool:
-        # The uncond call passes the pipeline's negative_prompt_embeds tensor itself.
-        return bool(call_locals["do_true_cfg"]) and inputs.get("encoder_hidden_states") is call_locals.get(
-            "negative_prompt_embeds"
-        )
-
     def request(self, pipe, call_locals, inputs, memo) -> StepRequest:
         keys = (*self.batched_inputs, *self.shared_inputs, self.attention_kwargs_key)
         cond = {k: inputs.get(k) for k in keys}
@@ -81,7 +80,8 @@ class FluxAdapter(TwoStreamAdapter):
             txt_ids=self._negative_txt_ids(cond["txt_ids"], call_locals["negative_text_ids"], memo),
         )
         rows = BranchRows(self.batched_inputs, 2, branches=[uncond, cond])
-        return StepRequest(rows, float(call_locals["true_cfg_scale"]), respond, notes={"follow_ups": 1})
+        # the uncond call that follows in this step is served the same D (the pipeline's line then yields D)
+        return StepRequest(rows, float(call_locals["true_cfg_scale"]), respond, follow_ups=1)
 
     @staticmethod
     def _negative_txt_ids(txt_ids, negative_txt_ids, memo):

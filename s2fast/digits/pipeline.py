@@ -116,3 +116,14 @@ def load_default_pipeline(path: Optional[str] = None, dtype: torch.dtype = torch
     pipe = DigitsFlowPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, low_cpu_mem_usage=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _register() -> None:
+    # Through the public registry, as any project's own pipeline would: s2fast.wrap then supports this class.
+    from ..adapters import register_adapter
+    from .adapter import DigitsAdapter
+
+    register_adapter(DigitsFlowPipeline, DigitsAdapter)
+
+
+_register()

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..adapters.base import BranchRows, FamilyAdapter, LaneState
+from ..adapters.base import BranchRows, LaneState, ModelAdapter
 from ..config import S2Config
 from ..engine import EngineOptions, predict
 from ..masks import schedule
@@ -70,7 +70,7 @@ class ToyDenoiser(nn.Module):
         return self.head(h)
 
 
-class ToyAdapter(FamilyAdapter):
+class ToyAdapter(ModelAdapter):
     """ToyDenoiser for s2fast's engine: the flow is [h], the per-row constant is the condition c."""
 
     model_classes = ("ToyDenoiser",)
@@ -88,6 +88,9 @@ class ToyAdapter(FamilyAdapter):
 
     def head(self, model, state):
         return model.head(state.flow[0])
+
+    def skipped_block_output(self, args, kwargs):
+        return args[0]  # a ToyDenoiser block is called as block(h, c) and returns h
 
 
 # --- training ----------------------------------------------------------------------------------------------------

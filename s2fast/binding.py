@@ -1,0 +1,263 @@
+"""How s2fast attaches to a denoiser model: one callable at the base of the model's forward chain.
+
+``wrap`` never patches a class and never replaces ``pipe.transformer``: it sets a ``ModelForward`` where the model's
+own forward would be looked up. That is the instance attribute ``forward`` on a model nobody hooked, and one level
+down when something already wraps the forward:
+
+- accelerate's model CPU offload (``enable_model_cpu_offload``) keeps the model's forward in ``_old_forward`` and
+  installs its own ``forward`` that first moves the model to the execution device; s2fast goes in
+  ``_old_forward``, so offloading keeps working and S² runs where the model runs;
+- a diffusers ``HookRegistry`` keeps the forward it wrapped in the first hook's ``HookFunctionReference``; s2fast
+  goes there, so a model-level hook sees the pipeline's call and s2fast's answer to it, as it would see the stock
+  forward's.
+
+Hooks added after ``wrap`` wrap whatever forward they find, which is then s2fast's: the chain keeps it at the base.
+``unwrap`` finds it wherever it is and puts back what was there before (the model's own forward), so a model
+that another hook still wraps becomes stock, not half-wrapped.
+
+A ``ModelForward`` holds no S² state. At every call it looks for the pipeline call it serves: the nearest caller
+that is neither torch's module machinery, a diffusers or accelerate hook, nor s2fast itself must be the
+``__call__`` of a pipeline wrapped by s2fast that has this model as a denoiser. Any other call — a direct
+``pipe.transformer(...)``, a preview inside ``callback_on_step_end``, a pipeline that shares the transformer but is
+not wrapped — runs the stock forward.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+import weakref
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+# Hooks that may sit on a denoiser or its submodules while s2fast runs it, by registry name.
+# layerwise casting (and the PEFT input hook it brings) casts weights around each leaf call: the same for any rows.
+_COMPATIBLE_HOOKS = frozenset({"layerwise_casting", "peft_autocast_disable"})
+# Hooks refused by name, with what they are. Caches reuse results across calls and steps keyed to the stock call
+# pattern (one batch per cache context, one call per branch and step); S² batches branches, forks sub-networks and
+# calls some blocks twice a step, so a cache would serve wrong values or fail on shapes.
+_KNOWN_HOOKS = {
+    "pyramid_attention_broadcast": "PyramidAttentionBroadcast (a cache)",
+    "faster_cache_denoiser": "FasterCache (a cache)",
+    "faster_cache_block": "FasterCache (a cache)",
+    "fbc_leader_block_hook": "FirstBlockCache (a cache)",
+    "fbc_block_hook": "FirstBlockCache (a cache)",
+    "mag_cache_leader_block_hook": "MagCache (a cache)",
+    "mag_cache_block_hook": "MagCache (a cache)",
+    "taylorseer_cache": "TaylorSeerCache (a cache)",
+    "sea_cache_root": "SeaCache (a cache)",
+    "sea_cache_leader_block": "SeaCache (a cache)",
+    "sea_cache_block": "SeaCache (a cache)",
+    "sea_cache_post_norm": "SeaCache (a cache)",
+    "text_kv_cache_transformer": "TextKVCache (a cache)",
+    "text_kv_cache_block": "TextKVCache (a cache)",
+    "group_offloading": "group offloading (it onloads weights in the order of the first stock forward)",
+    "lazy_prefetch_group_offloading": "group offloading (it onloads weights in the order of the first stock forward)",
+    "layer_execution_tracker": "group offloading (it onloads weights in the order of the first stock forward)",
+    "layer_skip_hook": "a guider's layer-skip hook",
+    "smoothed_energy_guidance_hook": "a guider's smoothed-energy hook",
+}
+
+
+class ModelForward:
+    """The forward s2fast sets on a denoiser (see the module docstring). ``previous`` is what the slot held before:
+    None (nothing: the class's forward) or the model's own bound forward, put back by ``remove``."""
+
+    def __init__(self, model, previous=None):
+        self._model = weakref.ref(model)
+        self.previous = previous
+
+    @property
+    def model(self):
+        return self._model()
+
+    def __call__(self, *args, **kwargs):
+        model = self._model()
+        caller = calling_pipeline(model)
+        if caller is not None:
+            from .api import serving_controller
+
+            pipe, frame_locals = caller
+            controller = serving_controller(pipe, model)
+            if controller is not None:
+                return controller.forward(pipe, model, frame_locals, args, kwargs)
+        return type(model).forward(model, *args, **kwargs)
+
+    # A copy of a wrapped model carries a ModelForward of its own, bound to the copy (the copied pipeline's
+    # controller, or none, decides what it serves); pickling rebuilds one the same way.
+    def __deepcopy__(self, memo):
+        import copy
+
+        model = memo.get(id(self._model()))
+        if model is None:
+            return self
+        return ModelForward(model, copy.deepcopy(self.previous, memo))
+
+    def __reduce__(self):
+        return (ModelForward, (self._model(), self.previous))
+
+
+def _own_forward(model, value) -> bool:
+    """True for the model's own forward bound to it: what diffusers and accelerate leave behind when they remove a
+    hook (an instance attribute equal to the class's forward)."""
+    return isinstance(value, types.MethodType) and value.__self__ is model and value.__func__ is type(model).forward
+
+
+def _slots(model) -> Iterator[Tuple[Any, str]]:
+    """Every place a forward of ``model``'s chain can be stored: (holder, attribute); a dict holder is the model's
+    ``__dict__``."""
+    yield model.__dict__, "forward"
+    if "_old_forward" in model.__dict__:  # accelerate's add_hook_to_module
+        yield model.__dict__, "_old_forward"
+    registry = model.__dict__.get("_diffusers_hook")
+    for fn_ref in getattr(registry, "_fn_refs", ()):
+        yield fn_ref, "forward"
+        yield fn_ref, "original_forward"
+
+
+def _get(holder, name):
+    return holder.get(name) if isinstance(holder, dict) else getattr(holder, name, None)
+
+
+def _set(holder, name, value) -> None:
+    if isinstance(holder, dict):
+        if value is None:
+            holder.pop(name, None)
+        else:
+            holder[name] = value
+    else:
+        setattr(holder, name, value)
+
+
+def find(model) -> Optional[ModelForward]:
+    """The ModelForward in ``model``'s forward chain, or None."""
+    for holder, name in _slots(model):
+        value = _get(holder, name)
+        if isinstance(value, ModelForward):
+            return value
+    return None
+
+
+def base_slot(model) -> Optional[Tuple[Any, str]]:
+    """Where the model's own forward sits in its chain (the slot a ModelForward takes), or None when the chain ends
+    in something s2fast does not know."""
+    top = model.__dict__.get("forward")
+    if top is None or _own_forward(model, top):
+        return model.__dict__, "forward"
+    for holder, name in _slots(model):
+        if (holder, name) != (model.__dict__, "forward") and _own_forward(model, _get(holder, name)):
+            return holder, name
+    return None
+
+
+def install(model) -> ModelForward:
+    """Put a ModelForward at the base of ``model``'s forward chain (or return the one already there)."""
+    existing = find(model)
+    if existing is not None:
+        return existing
+    slot = base_slot(model)
+    if slot is None:
+        raise ValueError(unknown_forward_message(model))
+    holder, name = slot
+    binding = ModelForward(model, _get(holder, name))
+    _set(holder, name, binding)
+    return binding
+
+
+def remove(model) -> bool:
+    """Take the ModelForward out of ``model``'s chain, putting back what its slot held; True if one was found."""
+    for holder, name in _slots(model):
+        value = _get(holder, name)
+        if isinstance(value, ModelForward):
+            previous = value.previous
+            if previous is None and not isinstance(holder, dict):
+                previous = types.MethodType(type(model).forward, model)  # a hook's slot must hold a callable
+            _set(holder, name, previous)
+            return True
+    return False
+
+
+def unknown_forward_message(model) -> str:
+    return (f"s2fast: {type(model).__name__}.forward is replaced by {model.__dict__.get('forward')!r}, which is not "
+            "a diffusers hook, accelerate's model offload or the model's own forward; s2fast calls the blocks "
+            "itself and would bypass it. Remove it before s2fast.wrap")
+
+
+# --- hooks that S² cannot run under ---------------------------------------------------------------------------
+def incompatible_hooks(model) -> List[str]:
+    """What on ``model`` or its submodules S² cannot run under, one line each (empty: nothing).
+
+    diffusers hooks: known caches and offloading by name; unknown hooks when they keep state across calls
+    (``_is_stateful``) or replace the module's forward (``new_forward``), since S² calls blocks in other batches
+    than the stock forward. accelerate: model offload of the denoiser itself is supported; a hook on a submodule
+    (``enable_sequential_cpu_offload``, a device map) is not.
+    """
+    found: Dict[str, None] = {}
+    for path, module in model.named_modules():
+        where = f"{type(model).__name__}.{path}" if path else type(model).__name__
+        registry = module.__dict__.get("_diffusers_hook")
+        for name, hook in getattr(registry, "hooks", {}).items():
+            if name in _COMPATIBLE_HOOKS:
+                continue
+            if name in _KNOWN_HOOKS:
+                found[f"{_KNOWN_HOOKS[name]}, hook '{name}'"] = None
+            elif getattr(hook, "_is_stateful", False) or hasattr(hook, "new_forward"):
+                kind = "keeps state across calls" if getattr(hook, "_is_stateful", False) else "replaces the forward"
+                found[f"the diffusers hook '{name}' ({type(hook).__name__}) on {where}, which {kind}"] = None
+        accelerate_hook = module.__dict__.get("_hf_hook")
+        if accelerate_hook is not None and not (module is model and _is_model_offload(accelerate_hook)):
+            found[f"accelerate's {type(accelerate_hook).__name__} on {where} (enable_sequential_cpu_offload or a "
+                  "device map: it moves every layer's weights at each use, and s2fast calls a block once per lane "
+                  "and step, so each weight would cross the bus up to twice a step; not supported, use "
+                  "enable_model_cpu_offload)"] = None
+    return list(found)
+
+
+def _is_model_offload(hook) -> bool:
+    hooks = getattr(hook, "hooks", None)  # accelerate's SequentialHook holds several
+    if hooks is not None:
+        return all(_is_model_offload(h) for h in hooks)
+    return type(hook).__name__ == "CpuOffload"
+
+
+def model_offloaded(model) -> bool:
+    """True when accelerate's model CPU offload moves ``model`` to its execution device at each call."""
+    hook = model.__dict__.get("_hf_hook")
+    return hook is not None and _is_model_offload(hook)
+
+
+# --- which pipeline call is this? -------------------------------------------------------------------------------
+_TRANSPARENT_CODE: Dict[Any, bool] = {}  # code object -> whether its frames stand between (cached: ~6 frames a call)
+
+
+def _transparent(code) -> bool:
+    """True for frames between a pipeline's call of its transformer and the forward: torch's module call, diffusers'
+    and accelerate's hooks, s2fast's own."""
+    known = _TRANSPARENT_CODE.get(code)
+    if known is None:
+        import torch.nn.modules.module as torch_module
+        from diffusers.hooks import hooks as diffusers_hooks
+
+        filename = os.path.abspath(code.co_filename)
+        known = (filename in {os.path.abspath(f) for f in (torch_module.__file__, diffusers_hooks.__file__, __file__)}
+                 or filename.endswith(os.path.join("accelerate", "hooks.py")))
+        _TRANSPARENT_CODE[code] = known
+    return known
+
+
+def calling_pipeline(model, max_depth: int = 32) -> Optional[Tuple[Any, Dict[str, Any]]]:
+    """(pipeline, the locals of its ``__call__``) when ``model``'s forward was called directly by a pipeline's
+    ``__call__`` (torch's module machinery and hooks in between), else None."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        if _transparent(frame.f_code):
+            frame = frame.f_back
+            continue
+        if frame.f_code.co_name != "__call__":
+            return None
+        found = frame.f_locals
+        pipe = found.get("self")
+        return (pipe, found) if pipe is not None and hasattr(pipe, "__dict__") else None
+    return None
