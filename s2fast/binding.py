@@ -15,16 +15,15 @@ Hooks added after ``wrap`` wrap whatever forward they find, which is then s2fast
 ``unwrap`` finds it wherever it is and puts back what was there before (the model's own forward), so a model
 that another hook still wraps becomes stock, not half-wrapped.
 
-A ``ModelForward`` holds no S² state. At every call it looks for the pipeline call it serves: the nearest caller
-that is neither torch's module machinery, a diffusers or accelerate hook, nor s2fast itself must be the
-``__call__`` of a pipeline wrapped by s2fast that has this model as a denoiser. Any other call — a direct
+A ``ModelForward`` holds no S² state. At every call it looks for the pipeline call it serves: the model must have
+been called by the ``__call__`` of a pipeline itself (torch's module call and any hooks in between), and that
+pipeline must be wrapped by s2fast with this model as a denoiser. Any other call — a direct
 ``pipe.transformer(...)``, a preview inside ``callback_on_step_end``, a pipeline that shares the transformer but is
 not wrapped — runs the stock forward.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 import weakref
@@ -193,6 +192,7 @@ def incompatible_hooks(model) -> List[str]:
     (``enable_sequential_cpu_offload``, a device map) is not.
     """
     found: Dict[str, None] = {}
+    placed: Dict[str, List[str]] = {}  # accelerate hook type -> where, summed up in one line
     for path, module in model.named_modules():
         where = f"{type(model).__name__}.{path}" if path else type(model).__name__
         registry = module.__dict__.get("_diffusers_hook")
@@ -206,10 +206,12 @@ def incompatible_hooks(model) -> List[str]:
                 found[f"the diffusers hook '{name}' ({type(hook).__name__}) on {where}, which {kind}"] = None
         accelerate_hook = module.__dict__.get("_hf_hook")
         if accelerate_hook is not None and not (module is model and _is_model_offload(accelerate_hook)):
-            found[f"accelerate's {type(accelerate_hook).__name__} on {where} (enable_sequential_cpu_offload or a "
-                  "device map: it moves every layer's weights at each use, and s2fast calls a block once per lane "
-                  "and step, so each weight would cross the bus up to twice a step; not supported, use "
-                  "enable_model_cpu_offload)"] = None
+            placed.setdefault(type(accelerate_hook).__name__, []).append(where)
+    for kind, where in placed.items():
+        found[f"accelerate's {kind} on {len(where)} module(s), {where[0]} first (enable_sequential_cpu_offload or a "
+              "device map: it moves every layer's weights at each use, and s2fast calls a block once per lane and "
+              "step, so each weight would cross the bus up to twice a step; not supported, use "
+              "enable_model_cpu_offload)"] = None
     return list(found)
 
 
@@ -227,37 +229,25 @@ def model_offloaded(model) -> bool:
 
 
 # --- which pipeline call is this? -------------------------------------------------------------------------------
-_TRANSPARENT_CODE: Dict[Any, bool] = {}  # code object -> whether its frames stand between (cached: ~6 frames a call)
-
-
-def _transparent(code) -> bool:
-    """True for frames between a pipeline's call of its transformer and the forward: torch's module call, diffusers'
-    and accelerate's hooks, s2fast's own."""
-    known = _TRANSPARENT_CODE.get(code)
-    if known is None:
-        import torch.nn.modules.module as torch_module
-        from diffusers.hooks import hooks as diffusers_hooks
-
-        filename = os.path.abspath(code.co_filename)
-        known = (filename in {os.path.abspath(f) for f in (torch_module.__file__, diffusers_hooks.__file__, __file__)}
-                 or filename.endswith(os.path.join("accelerate", "hooks.py")))
-        _TRANSPARENT_CODE[code] = known
-    return known
-
-
 def calling_pipeline(model, max_depth: int = 32) -> Optional[Tuple[Any, Dict[str, Any]]]:
-    """(pipeline, the locals of its ``__call__``) when ``model``'s forward was called directly by a pipeline's
-    ``__call__`` (torch's module machinery and hooks in between), else None."""
-    frame = sys._getframe(1)
+    """(pipeline, the locals of its ``__call__``) when ``model`` was called by a pipeline's ``__call__`` itself,
+    else None.
+
+    The nearest ``__call__`` frame up the stack that is not a module's or s2fast's is the candidate; the call is
+    the loop's own when the frame just below it is torch's module call of ``model`` (whatever hooks ran after
+    that). A callback, or any function the pipeline calls that then calls the transformer, sits in between.
+    """
+    import torch
+
+    module_call = torch.nn.Module._wrapped_call_impl.__code__
+    below, frame = None, sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
             return None
-        if _transparent(frame.f_code):
-            frame = frame.f_back
-            continue
-        if frame.f_code.co_name != "__call__":
-            return None
-        found = frame.f_locals
-        pipe = found.get("self")
-        return (pipe, found) if pipe is not None and hasattr(pipe, "__dict__") else None
+        if frame.f_code.co_name == "__call__":
+            owner = frame.f_locals.get("self")
+            if owner is not None and not isinstance(owner, (torch.nn.Module, ModelForward)):
+                direct = below is not None and below.f_code is module_call and below.f_locals.get("self") is model
+                return (owner, frame.f_locals) if direct else None
+        below, frame = frame, frame.f_back
     return None

@@ -139,7 +139,7 @@ class S2Config:
             object.__setattr__(self, "seed", int(self.seed))
         for name in ("batch_branches", "reuse_prefix"):
             value = getattr(self, name)
-            if not (isinstance(value, bool) or type(value).__name__ == "bool_"):  # numpy's bool too
+            if not (isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))):
                 raise ValueError(f"S2Config.{name} must be a bool, got {value!r}")
             object.__setattr__(self, name, bool(value))
         if self.fork_mode not in FORK_MODES:

@@ -354,9 +354,10 @@ def refuse_incompatible_hooks(pipe, name: str, model, since_wrap: bool = False) 
     found = binding.incompatible_hooks(model)
     if found:
         when = " (added after s2fast.wrap)" if since_wrap else ""
+        hint = " (a cache: transformer.disable_cache())" if any("(a cache)" in f for f in found) else ""
         raise ValueError(
             f"s2fast cannot run S² under what is on {type(pipe).__name__}.{name}{when}: " + "; ".join(found)
-            + ". Remove it (for a cache: transformer.disable_cache()), or s2fast.unwrap the pipeline to use it")
+            + f". Remove it{hint}, or s2fast.unwrap the pipeline to use it")
 
 
 def check_attachable(adapter, config: S2Config, pipe, name: str, model, graph_backend=None) -> None:

@@ -1,10 +1,11 @@
 """The cost demo: S² on a small SD3-shaped pipeline built from a config, on the CPU (random weights).
 
 Runs the same prompt three ways — stock CFG, naive three-pass S², s2fast S² (same masks) — and prints the median
-per-step time of each, the ratios to CFG, the block-row floor of DESIGN.md §3 for the masks drawn, and the largest
-difference between the two S² results. Random weights: this shows cost and exactness, not image quality.
-The methods run in interleaved rounds (s2fast/timing.py): a ratio is the median over rounds of the ratio
-measured within one round.
+per-step time of each, the ratios to CFG, the block-row floor for the masks drawn (the block calls per step the
+masks require, relative to CFG's 2 × blocks), and the largest difference between the two S² results. Random
+weights: this shows cost and exactness, not image quality. The methods run in interleaved rounds
+(s2fast/timing.py): a ratio is the median over rounds of the ratio measured within one round, flagged when it
+cannot be trusted (too few rounds, a spread over 20 %, or a ratio below its floor).
 
     python -m s2fast.cost_demo            # the embedded default: 24 blocks, hidden 256, 32×32 latents, 77 text tokens
     python -m s2fast.cost_demo --help
@@ -13,6 +14,7 @@ measured within one round.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import time
@@ -25,7 +27,7 @@ import s2fast
 from s2fast import S2Config, tiny
 from s2fast.engine import block_rows
 from s2fast.reference import wrap_three_pass
-from s2fast.timing import InterleavedRounds
+from s2fast.timing import InterleavedRounds, timing_warning
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps must be at least 2 (the first step's time includes the call's set-up)")
     if args.latent % 2:
         p.error("--latent must be even (patch size 2)")
+    if not math.isfinite(args.guidance) or args.guidance <= 1:
+        p.error("--guidance must be a finite number > 1 (S² is compared with CFG)")
+    try:
+        S2Config(omega=args.omega, seed=args.seed)
+    except ValueError as e:  # S2Config names the field; the demo names its option
+        p.error(f"--omega/--seed: {e}")
     return args
 
 
@@ -122,6 +130,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
 def report(args, r) -> str:
     shape, times, ratios = r["shape"], r["times"], r["ratios"]
+    floors = (("stock CFG", 1.0), ("naive three-pass S²", r["naive_floor"]), ("s2fast S²", r["floor"]))
+    warnings = [(name, timing_warning(ratios[name], floor)) for name, floor in floors[1:]]
     lines = [
         f"s2fast demo: SD3-shaped transformer, {shape.num_layers} blocks, hidden {shape.hidden}, "
         f"{shape.latent_size}×{shape.latent_size} latents, {shape.text_tokens} text tokens, "
@@ -134,7 +144,8 @@ def report(args, r) -> str:
         f"{'method':<22}{'ms/step':>10}{'vs CFG':>9}{'(range over rounds)':>21}{'block-row floor':>17}",
         *(f"{name:<22}{times[name] * 1e3:>10.1f}{statistics.median(ratios[name]):>9.3f}"
           f"{f'({min(ratios[name]):.2f}–{max(ratios[name]):.2f})':>21}{floor:>17.3f}"
-          for name, floor in (("stock CFG", 1.0), ("naive three-pass S²", r["naive_floor"]), ("s2fast S²", r["floor"]))),
+          for name, floor in floors),
+        *(f"  !! {name}: this ratio is {warning}" for name, warning in warnings if warning),
         "",
         f"largest |s2fast S² − naive S²| over the final latents: {r['s2_difference']:.3g} "
         f"(batch-size rounding; S² itself moved them by up to {r['s2_effect']:.3g} from CFG)",

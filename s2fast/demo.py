@@ -3,7 +3,9 @@
 Samples the same digits (same classes, same initial noise) with stock CFG and with ``s2fast.wrap``'s S², then
 writes a PNG grid per class (CFG left, S² right), scores both sets with the embedded classifier (accuracy for the
 requested class, Fréchet distance in its features to the training images) and reports the time per denoising step
-of each and the block-row floor (DESIGN.md §3) of the masks drawn. Nothing is downloaded: the model, its
+of each and the block-row floor of the masks drawn (the block calls per step that the masks require, relative to
+CFG's: no implementation can go below it). The timing is flagged when it cannot be trusted (too few rounds,
+rounds that spread by more than 20 %, or a ratio below the floor: a busy machine). Nothing is downloaded: the model, its
 scheduler and the classifier ship in the package (s2fast/digits/weights).
 
     python -m s2fast.demo              # 500 digits per method, 20 steps, λ = 4, ω = 0.25 (about 2 min on 2 cores)
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -30,6 +33,7 @@ from s2fast.digits.evaluate import balanced_labels
 from s2fast.digits.pipeline import load_default_pipeline
 from s2fast.engine import block_rows
 from s2fast.quality.plots import digit_grid_png
+from s2fast.timing import timing_warning
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--samples: {e}")
     if args.samples < 10 * args.per_class:
         p.error(f"--samples must be at least 10 × --per-class = {10 * args.per_class}")
+    if not math.isfinite(args.guidance):
+        p.error("--guidance must be a finite number")
+    try:
+        S2Config(omega=args.omega, seed=args.seed)
+    except ValueError as e:  # S2Config names the field; the demo names its option
+        p.error(f"--omega/--seed: {e}")
     return args
 
 
@@ -124,6 +134,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         report[name] = {**scores, "ms_per_step": 1e3 * statistics.median(m.call_medians)}
     report["S² / CFG step time"] = statistics.median(ratios)
     report["S² / CFG step time per round"] = ratios
+    report["timing warning"] = timing_warning(ratios, floor)
     os.makedirs(args.out, exist_ok=True)
     per_class = lambda m: torch.stack([torch.cat(m.images)[labels == c][:args.per_class, 0] for c in range(10)])  # noqa: E731
     digit_grid_png([(f"CFG lam={args.guidance:g}", per_class(results["CFG"])),
@@ -147,6 +158,7 @@ def format_report(args, r) -> str:
         f"S² step time / CFG step time: {r['S² / CFG step time']:.3f}, median over {len(r['S² / CFG step time per round'])} "
         f"alternating rounds (range {min(r['S² / CFG step time per round']):.2f}–{max(r['S² / CFG step time per round']):.2f}); "
         f"block-row floor for these masks: {r['block_row_floor']:.3f}",
+        *([f"  !! this timing is {r['timing warning']}"] if r["timing warning"] else []),
         f"masks dropped per step: {[tuple(m) for m in r['masks']]}",
         f"accuracy: the embedded classifier's class equals the requested one; Fréchet: in its features, to the "
         f"training images (lower is better; {args.samples} digits make it noisy, see benchmarks/quality/README.md)",

@@ -44,3 +44,25 @@ class InterleavedRounds:
 
     def ratio(self, name: str, baseline: str) -> float:
         return statistics.median(self.ratios(name, baseline))
+
+
+def timing_warning(ratios: List[float], floor: Optional[float] = None, max_spread: float = 0.20) -> Optional[str]:
+    """Why a ratio measured over ``ratios`` (one per round) should not be trusted, or None.
+
+    Untrustworthy: fewer than 3 rounds (no spread to judge), rounds that spread by more than ``max_spread`` of their
+    median (the machine's load changed under the measurement), or a median below ``floor``, the block-row floor of
+    the work done, which no implementation can beat (the baseline was slowed, not the method sped up).
+    """
+    if not ratios:
+        return "untrustworthy: nothing was measured"
+    median = statistics.median(ratios)
+    problems = []
+    if len(ratios) < 3:
+        problems.append(f"{len(ratios)} round{'s' if len(ratios) > 1 else ''} only (3 or more show the spread)")
+    spread = (max(ratios) - min(ratios)) / median
+    if spread > max_spread:
+        problems.append(f"the rounds spread by {100 * spread:.0f} % of their median (more than {100 * max_spread:.0f} %)")
+    if floor is not None and median < floor:
+        problems.append(f"the ratio is below the block-row floor {floor:.3f}, which no implementation can beat "
+                        "(a busy machine slowed the baseline)")
+    return "untrustworthy: " + "; ".join(problems) if problems else None

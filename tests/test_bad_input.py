@@ -36,6 +36,10 @@ BAD_CONFIGS = {
     "masks nested for one mask": (dict(masks=(((1,), (2,)),)), "num_masks is 1"),
     "masks flat for three masks": (dict(masks=((1, 2),), num_masks=3), "num_masks=3"),
     "masks not a sequence": (dict(masks=5), "masks"),
+    "omega too large for a float": (dict(omega=10**400), "omega must be a finite number.*too large"),
+    "interval too large for a float": (dict(interval=(0, 10**400)), "interval must be a finite number"),
+    "num_masks too large": (dict(num_masks=10**7), "num_masks must be an integer from 1 to 64"),
+    "omega a tensor": (dict(omega=torch.tensor(0.5)), "omega must be a finite number"),
 }
 
 
@@ -117,3 +121,15 @@ def test_foreign_forward_hook_is_refused(sd3):
 def test_trace_of_an_unwrapped_pipeline_raises(sd3):
     with pytest.raises(ValueError, match="not wrapped"):
         s2fast.trace(sd3.pipe)
+
+
+def test_numpy_scalars_are_accepted_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    config = S2Config(omega=np.float32(0.25), drop_ratio=np.float64(0.2), num_masks=np.int64(2), seed=np.int32(3),
+                      protected_blocks=(np.int64(0), 1), interval=(np.float16(0), 1), batch_branches=np.bool_(True),
+                      masks=None)
+    python = S2Config(omega=0.25, drop_ratio=0.2, num_masks=2, seed=3, protected_blocks=(0, 1))
+    assert config == python and hash(config) == hash(python)
+    assert type(config.omega) is float and type(config.num_masks) is int and type(config.seed) is int
+    assert all(type(b) is int for b in config.protected_blocks) and type(config.batch_branches) is bool
+    assert S2Config(masks=((np.int64(2),), ())).masks == ((2,), ())

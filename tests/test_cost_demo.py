@@ -14,11 +14,13 @@ def test_demo_runs_and_reports(capsys):
     assert "largest |s2fast S² − naive S²|" in out
     diff = float(out.split("over the final latents: ")[1].split()[0])
     assert diff < 1e-4  # the same masks through both S² implementations: rounding only
+    assert "untrustworthy: 2 rounds only" in out  # two rounds show no spread worth the name
 
 
 @pytest.mark.parametrize("argv, words", [(["--steps", "1"], "--steps"), (["--latent", "7"], "--latent"),
                                           (["--layers", "0"], "--layers"),
-                                          (["--rounds", "0"], "--rounds")])
+                                          (["--rounds", "0"], "--rounds"), (["--omega", "-1"], "omega must be >= 0"),
+                                          (["--guidance", "1"], "--guidance")])
 def test_demo_rejects_bad_options(argv, words, capsys):
     with pytest.raises(SystemExit):
         demo.main(argv)

@@ -70,12 +70,15 @@ def test_demo_runs_end_to_end(tmp_path, capsys, offline):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["masks"]) == 3 and 0 <= metrics["S²"]["accuracy"] <= 1
     assert metrics["S² / CFG step time"] > 0
+    assert "1 round only" in metrics["timing warning"] and "!! this timing is untrustworthy" in out  # one call each
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * 2 * 56 + 12, 10 * 56 + 18)  # two blocks of 2 digits at scale 2, ten rows, title band
 
 
 @pytest.mark.parametrize("argv, words", [(["--samples", "15"], "multiple of 10"), (["--steps", "1"], "--steps"),
-                                          (["--guidance", "1"], "--guidance"), (["--samples", "20"], "--per-class")])
+                                          (["--guidance", "1"], "--guidance"), (["--samples", "20"], "--per-class"),
+                                          (["--omega", "-1"], "omega must be >= 0"), (["--omega", "nan"], "omega"),
+                                          (["--guidance", "inf"], "--guidance")])
 def test_demo_rejects_bad_options(argv, words, capsys):
     with pytest.raises(SystemExit):
         demo.main(argv)

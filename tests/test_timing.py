@@ -28,3 +28,13 @@ def test_cases_returning_none_are_timed_by_the_clock_and_warm_up_is_not_recorded
     assert timer.times["x"] == []
     timer.run_round()
     assert len(timer.times["x"]) == 1 and timer.times["x"][0] >= 0.0
+
+
+def test_timing_warning_flags_few_rounds_spread_and_ratios_below_the_floor():
+    from s2fast.timing import timing_warning
+
+    assert timing_warning([1.30, 1.32, 1.31], floor=1.29) is None
+    assert "2 rounds only" in timing_warning([1.3, 1.3], floor=1.29)
+    assert "spread by 31 %" in timing_warning([1.1, 1.5, 1.3], floor=1.0)
+    assert "below the block-row floor 1.290" in timing_warning([1.20, 1.21, 1.22], floor=1.29)
+    assert timing_warning([1.20, 1.21, 1.22]) is None  # no floor given: spread only
