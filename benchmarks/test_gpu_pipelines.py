@@ -5,7 +5,7 @@ torch.compile with and without graphs) and the naive three-pass S².
 Each case is one whole pipeline call (output_type="latent": no VAE, no text encoders, the same for every method),
 timed with CUDA events, in interleaved rounds after a warm-up call (which also captures s2fast's block graphs).
 Reported per case: median seconds, ratio to stock CFG, peak memory, and for S² the block-row floor of the masks it
-drew (DESIGN.md §3). Targets (issue 5): s2fast S² end to end ≤ stock CFG; peak memory ≤ stock CFG + 10 %.
+drew (the cost model of docs/PERFORMANCE.md). Targets: s2fast S² end to end ≤ stock CFG; peak memory ≤ stock CFG + 10 %.
 
     .venv/bin/pytest benchmarks/test_gpu_pipelines.py --benchmark-only -k sd3      # skipped without CUDA
 """
@@ -115,7 +115,7 @@ def test_end_to_end_vs_stock_cfg(interleaved, name):
     floor = sum(block_rows(blocks, 2, (m,) if m else ()) for m in masks) / (2 * blocks * STEPS)
     for case_name, r in summary.items():
         r["peak_MiB"] = peaks[case_name]["MiB"]
-    summary["s2fast-s2"]["floor"] = floor  # the block-row floor ratio of the masks drawn (DESIGN.md §3)
+    summary["s2fast-s2"]["floor"] = floor  # the block-row floor ratio of the masks drawn (docs/PERFORMANCE.md, cost model)
     print(f"\n{name}: S² masks {masks}; block-row floor {floor:.3f}× CFG; graphs {stats}")
 
 

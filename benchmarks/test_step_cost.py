@@ -4,7 +4,7 @@ denoising step, without the scheduler or the VAE (the same for every method).
 
 Cases: the stock forward on [uncond, cond] (CFG, the baseline of every ratio), s2fast's own CFG path, the naive
 three-pass S² (stock batched call + a third forward with the blocks skipped), and s2fast S² with each option.
-The block-row floor (DESIGN.md §3) of each case is in extra_info and in the summary.
+The block-row floor (the cost model of docs/PERFORMANCE.md) of each case is in extra_info and in the summary.
 
     make bench                       # or: .venv/bin/pytest benchmarks/ --benchmark-only
 """

@@ -240,7 +240,7 @@ def calling_pipeline(model, max_depth: int = 32) -> Optional[Tuple[Any, Dict[str
     import torch
 
     module_call = torch.nn.Module._wrapped_call_impl.__code__
-    below, frame = None, sys._getframe(1)
+    below, frame = None, sys._getframe(2)  # above ModelForward.__call__, which called this
     for _ in range(max_depth):
         if frame is None:
             return None

@@ -261,8 +261,7 @@ class Controller:
         """One transformer call of ``pipe``'s denoising loop (s2fast/binding.py decided it is one)."""
         state = self.state(model)
         call_locals = PipelineLocals(frame_locals, self.adapter, pipe)
-        inputs = state.signature.bind(model, *args, **kwargs).arguments
-        inputs.pop("self", None)
+        inputs = _call_inputs(state.signature, model, args, kwargs)
         self.adapter.check_call(call_locals, inputs)
         run = self._run_for(pipe, call_locals)
         step = self.adapter.step_index(call_locals, run.steps_served)
@@ -348,6 +347,20 @@ class Controller:
         if not stats:
             return None
         return {k: sum(s[k] for s in stats) for k in stats[0]}
+
+
+def _call_inputs(signature: inspect.Signature, model, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The call's arguments by name. Pipelines pass keywords (SD3, Flux): then a dict of them, checked against the
+    forward's parameters; ``Signature.bind`` only where there are positional ones (DiT), since it costs ~70 µs a call
+    on a 2-core CPU against ~3 µs."""
+    if args:
+        inputs = signature.bind(model, *args, **kwargs).arguments
+        inputs.pop("self", None)
+        return inputs
+    unknown = [k for k in kwargs if k not in signature.parameters]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword arguments {unknown}")
+    return dict(kwargs)
 
 
 def refuse_incompatible_hooks(pipe, name: str, model, since_wrap: bool = False) -> None:

@@ -6,7 +6,7 @@ copy ("fork") of the cond group's state at its first dropped block (reuse_prefix
 a lane of its own (fork_mode "separate", batch B) or joins the cond lane ("join", batch 3B). At a block that some
 groups of a lane drop, the block runs on the other rows only and the dropped rows pass through unchanged.
 
-Block-rows per step (DESIGN.md §3), L blocks, d dropped, first dropped k: CFG 2L; three passes 2L + (L − d);
+Block-rows per step (the cost model, docs/PERFORMANCE.md), L blocks, d dropped, first dropped k: CFG 2L; three passes 2L + (L − d);
 this engine 2L + (L − k − d). The engine never names a model family: the adapter does all model-specific work.
 """
 
@@ -153,7 +153,7 @@ def _rows(t: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
 
 
 def block_rows(num_blocks: int, branches: int, subnets: Sequence[Tuple[int, ...]], reuse_prefix: bool = True) -> int:
-    """Block-rows (per row of batch) one step needs: the cost model of DESIGN.md §3, for benchmarks and notes."""
+    """Block-rows (per row of batch) one step needs: the cost model of docs/PERFORMANCE.md, for benchmarks and notes."""
     total = branches * num_blocks
     for mask in subnets:
         start = min(mask) if reuse_prefix else 0

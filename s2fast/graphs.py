@@ -4,7 +4,7 @@ A mask only decides *which* blocks run on *which* lane (engine.py): every block 
 set — block j on the [uncond, cond] lane at 2B rows, block j on a sub-network lane at B rows (and, for naive S², on
 its n-th sub-network lane). Capturing each of those once serves every mask without recapture: at most
 ``num_blocks × (1 + num_masks)`` graphs per shape, whatever masks are drawn (CUDA graphs of the whole model would
-need one per distinct skip list, DESIGN.md §4).
+need one per distinct skip list: torch.compile of the whole model made one graph per skip pattern).
 
 Each graph owns static input buffers; a call copies its tensors in, replays, and returns the graph's static
 outputs. The lane is part of the key, so two lanes of one step never replay the same graph and overwrite each

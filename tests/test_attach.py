@@ -74,11 +74,12 @@ def test_the_model_own_forward_left_by_a_removed_hook_is_accepted_and_restored(f
         model.__dict__.pop("forward", None)
 
 
-def test_a_cache_enabled_and_disabled_leaves_flux_wrappable(flux):
-    from diffusers import FirstBlockCacheConfig
-
-    flux.pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
-    flux.pipe.transformer.disable_cache()
+@pytest.mark.parametrize("cache", ["TextKVCache", "FasterCache"])  # caches with a hook on the model itself
+def test_a_cache_enabled_and_disabled_leaves_flux_wrappable(flux, cache):
+    model = flux.pipe.transformer
+    model.enable_cache(_caches()[cache]())
+    model.disable_cache()
+    assert "forward" in model.__dict__  # what diffusers leaves behind
     s2fast.wrap(flux.pipe, S2Config(omega=0.5, masks=MASKS_4))
     torch.testing.assert_close(flux(), flux.reference(MASKS_4, omega=0.5), **BATCHED)
 

@@ -48,7 +48,7 @@ def test_last_block_skipped_while_the_others_run_it(step_inputs):
 
 
 @pytest.mark.parametrize("mask, reuse, expected", [
-    ((8, 15), True, 48 + 24 - 8 - 2),    # SD3-medium at E[k] = 8: the 1.29x floor of DESIGN.md §3
+    ((8, 15), True, 48 + 24 - 8 - 2),    # SD3-medium at E[k] = 8: the 1.29x floor of docs/PERFORMANCE.md's cost model
     ((8, 15), False, 48 + 24 - 2),       # three passes: 1.46x
     ((1, 12), True, 48 + 24 - 1 - 2),
 ])

@@ -9,7 +9,7 @@ from s2fast.masks import in_interval, num_dropped, sample_step, schedule
 
 
 @pytest.mark.parametrize("ratio, droppable, blocks, expected", [
-    (0.1, 23, 24, 2),   # SD3-medium: 24 blocks, block 0 protected -> 2 dropped (DESIGN.md §3)
+    (0.1, 23, 24, 2),   # SD3-medium: 24 blocks, block 0 protected -> 2 dropped (docs/PERFORMANCE.md, cost model)
     (0.1, 56, 57, 6),   # Flux.1: 57 blocks
     (0.1, 5, 6, 1),     # 0.5 rounds up, and at least one block is always dropped
     (0.01, 5, 6, 1),
