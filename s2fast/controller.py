@@ -154,7 +154,7 @@ class Controller:
         for model in list(self._models.keys()):
             self._release(model, release_graphs_too)
         owner = self.owner
-        schedulers = self._scheduler_hooks + ([SchedulerHook.installed_on(owner.scheduler)] if owner is not None else [])
+        schedulers = self._scheduler_hooks + [SchedulerHook.installed_on(getattr(owner, "scheduler", None))]
         for hook in schedulers:
             if hook is not None:
                 hook.uninstall()

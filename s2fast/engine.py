@@ -6,8 +6,9 @@ copy ("fork") of the cond group's state at its first dropped block (reuse_prefix
 a lane of its own (fork_mode "separate", batch B) or joins the cond lane ("join", batch 3B). At a block that some
 groups of a lane drop, the block runs on the other rows only and the dropped rows pass through unchanged.
 
-Block-rows per step (the cost model, docs/PERFORMANCE.md), L blocks, d dropped, first dropped k: CFG 2L; three passes 2L + (L − d);
-this engine 2L + (L − k − d). The engine never names a model family: the adapter does all model-specific work.
+Block-rows per step (the cost model, docs/PERFORMANCE.md), L blocks, d dropped, first dropped k: CFG 2L; three
+passes 2L + (L − d); this engine 2L + (L − k − d). The engine never names a model family: the adapter does all
+model-specific work.
 """
 
 from __future__ import annotations

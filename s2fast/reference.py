@@ -2,8 +2,8 @@
 
 Per step: the stock forward on the stacked [uncond, cond] rows (one batched call, as SD3's pipeline does), then one
 more stock forward per sub-network on the cond rows with the masked blocks skipped. Block-rows per step:
-2L + (L − d) against s2fast's 2L + (L − k − d) (the cost model of docs/PERFORMANCE.md). It plugs into the same controller as the engine,
-so it samples the same masks and hands the pipeline the same kind of value.
+2L + (L − d) against s2fast's 2L + (L − k − d) (the cost model of docs/PERFORMANCE.md). It plugs into the same
+controller as the engine, so it samples the same masks and hands the pipeline the same kind of value.
 """
 
 from __future__ import annotations

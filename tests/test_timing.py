@@ -1,5 +1,7 @@
 """The interleaved timer behind the demo's and the benchmarks' ratios (no timing is asserted, only bookkeeping)."""
 
+import pytest
+
 from s2fast.timing import InterleavedRounds
 
 
@@ -36,5 +38,32 @@ def test_timing_warning_flags_few_rounds_spread_and_ratios_below_the_floor():
     assert timing_warning([1.30, 1.32, 1.31], floor=1.29) is None
     assert "2 rounds only" in timing_warning([1.3, 1.3], floor=1.29)
     assert "spread by 31 %" in timing_warning([1.1, 1.5, 1.3], floor=1.0)
-    assert "below the block-row floor 1.290" in timing_warning([1.20, 1.21, 1.22], floor=1.29)
+    assert "below its floor 1.290" in timing_warning([1.20, 1.21, 1.22], floor=1.29)
+    assert timing_warning([1.27, 1.28, 1.28], floor=1.29) is None  # within 10 % of the floor's extra cost (0.029)
     assert timing_warning([1.20, 1.21, 1.22]) is None  # no floor given: spread only
+
+
+def test_block_share_and_the_step_floor_it_gives(monkeypatch):
+    import torch
+
+    from s2fast import timing
+
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])  # a clock the test advances
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            clock[0] += 1.0  # one second inside each block
+            return x
+
+    blocks = [Block() for _ in range(3)]
+
+    def call():
+        for b in blocks:
+            b(torch.zeros(1))
+        clock[0] += 2.0  # two seconds outside them
+
+    assert timing.block_share(blocks, call) == pytest.approx(3 / 5)
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in blocks)  # hooks removed
+    assert timing.step_floor(1.2, 1.0) == 1.2 and timing.step_floor(1.2, 0.5) == pytest.approx(1.1)
+    assert timing.step_floor(1.2, 0.0) == 1.0
