@@ -130,6 +130,23 @@ def test_compare_samples_cfg_and_the_method_from_the_same_noise(tmp_path):
     assert not np.array_equal(cfg, s2)
 
 
+def test_compare_sets_each_method_up_once_per_run(tmp_path, monkeypatch):
+    # CFG runs on a sibling pipeline, so the S² one is wrapped once, not unwrapped and re-wrapped per prompt
+    # (an unwrap releases its block graphs on a GPU, and every prompt would capture them again).
+    import dataclasses
+
+    attached = []
+    for name in ("cfg", "s2"):
+        method = METHODS[name]
+        counting = (lambda m: lambda pipe, args: (attached.append((m.name, id(pipe))), m.attach(pipe, args)))(method)
+        monkeypatch.setitem(METHODS, name, dataclasses.replace(method, attach=counting))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("1\n2\n3\n")
+    assert cli("generate", "digits", "--prompts", prompts, "--steps", "2", "--compare", "--out", tmp_path / "o") == 0
+    assert [m for m, _ in attached] == ["cfg", "s2"] and attached[0][1] != attached[1][1]
+    assert len(run_json(tmp_path / "o")["images"]) == 3
+
+
 def test_prompts_file_resumes_and_refuses_other_settings(tmp_path, capsys):
     prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
     prompts.write_text("0\n\n1\n2\n")
@@ -149,6 +166,16 @@ def test_prompts_file_resumes_and_refuses_other_settings(tmp_path, capsys):
     assert cli("generate", "digits", "--prompts", prompts, "--steps", "3", "--out", out) == 1
     (line,) = error_lines(capsys.readouterr().err)
     assert "other settings" in line and "--out" in line
+
+
+def test_offload_model_gives_the_same_image(tmp_path):
+    # On the CPU, diffusers' model CPU offload installs its hooks with a CPU execution device: the path runs,
+    # and S² under it must sample exactly what it samples without.
+    for name, extra in (("plain", []), ("offload", ["--offload", "model"])):
+        assert cli("generate", "digits", "--prompt", "4", "--steps", "2", "--device", "cpu", *extra,
+                   "--out", tmp_path / name) == 0
+    assert run_json(tmp_path / "offload")["settings"]["offload"] == "model"
+    np.testing.assert_array_equal(png(tmp_path / "offload" / "00000-4.png"), png(tmp_path / "plain" / "00000-4.png"))
 
 
 def test_dit_takes_class_names_from_id2label(tmp_path, folders):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .methods import METHODS
-from .models import family_of, load_pipeline, resolve_device, resolve_dtype
+from .models import family_of, load_pipeline, resolve_device, resolve_dtype, sibling
 from .runtime import Processes, StepClock, device_record, versions
 
 SETTINGS = ("model", "method", "compare", "omega", "drop_ratio", "steps", "guidance", "seed", "negative_prompt",
@@ -93,11 +93,12 @@ def run(args) -> None:
     if processes.is_main and len(pending) < len(jobs):
         print(f"s2fast: {len(jobs) - len(pending)} of {len(jobs)} prompts already done in {args.out}; skipping them")
 
+    pipes = method_pipelines(pipe, methods, args)
     try:
         with tqdm(total=len(mine), desc=f"generate ({args.method}{', compare' if args.compare else ''})",
                   unit="prompt", disable=not processes.is_main) as bar:
             for job in mine:
-                _generate(pipe, family, args, job, methods, settings, device, processes)
+                _generate(pipes, family, args, job, methods, settings, device, processes)
                 bar.update()
     except BaseException:
         if processes.count == 1:  # a partial batch keeps what finished, and run.json lists it
@@ -134,14 +135,29 @@ def _done(out: str, job: Job, settings: Dict) -> bool:
     return all(os.path.exists(os.path.join(out, f)) for f in record["files"].values())
 
 
-def _generate(pipe, family, args, job: Job, methods: List[str], settings: Dict, device, processes) -> None:
+def method_pipelines(pipe, methods: List[str], args) -> Dict:
+    """One pipeline per method, each set up once: the last method on ``pipe``, the others on siblings sharing its
+    models (so an S² pipeline is never unwrapped between prompts, which would release its block graphs). Under
+    model offload (whose hooks belong to ``pipe``, and which uses no block graphs) every method shares ``pipe`` and
+    is attached before each call."""
+    if args.offload:
+        return {m: pipe for m in methods}
+    pipes = {m: (pipe if m == methods[-1] else sibling(pipe)) for m in methods}
+    for m, p in pipes.items():
+        METHODS[m].attach(p, args)
+    return pipes
+
+
+def _generate(pipes: Dict, family, args, job: Job, methods: List[str], settings: Dict, device, processes) -> None:
     files = job.files(methods, args.compare)
     for name in [*files.values(), f"{job.stem}.json"]:  # leftovers of an earlier attempt that did not finish
         _remove(os.path.join(args.out, name))
-    kwargs = family.call_kwargs(pipe, args, job.prompt)
+    kwargs = family.call_kwargs(pipes[methods[-1]], args, job.prompt)
     images, runs = {}, {}
     for method in methods:
-        METHODS[method].attach(pipe, args)
+        pipe = pipes[method]
+        if args.offload:  # one pipeline for every method (see method_pipelines): set it up for this one
+            METHODS[method].attach(pipe, args)
         clock = StepClock(pipe, device)
         generator = torch.Generator(device="cpu").manual_seed(job.seed)  # the same noise for every method
         try:

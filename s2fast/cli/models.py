@@ -42,8 +42,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def _looks_like_path(model: str) -> bool:
     # A hub id is "name" or "owner/name"; anything else is meant as a folder.
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "") \
-        or model.endswith("/")
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model or model.endswith("/")
 
 
 def _supported_names():
@@ -106,6 +105,21 @@ def _from_pretrained(cls, where: str, model: str, dtype, **kwargs):
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"cannot load {model}: {_first_line(e)}") from None
     return pipe
+
+
+def sibling(pipe):
+    """A second pipeline of the same class over the same models (its own scheduler, whose state is per call).
+
+    It lets one method run stock while the other stays wrapped: a call from a pipeline that is not the wrapped one
+    takes the model's stock forward. Unwrapping between calls instead would release s2fast's block graphs, and
+    every S² call would capture them anew."""
+    components = dict(pipe.components, scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
+    other = type(pipe)(**components)
+    for name in ("labels",):  # DiT's class names live on the instance, not among the components
+        if hasattr(pipe, name):
+            setattr(other, name, getattr(pipe, name))
+    other.set_progress_bar_config(disable=True)
+    return other
 
 
 def _first_line(e: BaseException) -> str:
