@@ -349,3 +349,26 @@ def test_demo_subcommand_runs_the_demo(tmp_path):
     assert shutil.which("s2fast", path=str(BIN))
     assert cli("demo", "--samples", "10", "--per-class", "1", "--steps", "2", "--batch", "10", "--out", tmp_path) == 0
     assert (tmp_path / "grid.png").exists() and (tmp_path / "metrics.json").exists()
+
+
+def test_bench_on_a_pipeline_without_step_callbacks(tmp_path, folders, capsys):
+    # DiTPipeline takes no callback_on_step_end: steps are stamped after each transformer call instead
+    result_file = tmp_path / "bench.json"
+    assert cli("bench", folders["dit"], "--prompt", "goldfish", "--steps", "3", "--rounds", "1",
+               "--json", result_file) == 0
+    result = json.loads(result_file.read_text())
+    assert result["pipeline"] == "DiTPipeline" and result["blocks"] == 4 and len(result["masks"]) == 3
+    assert all(r["ms_per_step"] > 0 and len(r["ratios"]) == 1 for r in result["cases"].values())
+    assert "1 round only" in result["cases"]["s2fast S²"]["warning"]
+    assert result["s2_difference"] < 1e-5
+
+
+def test_method_cfg_alone_is_the_stock_pipeline(tmp_path):
+    out = tmp_path / "out"
+    assert cli("generate", "digits", "--prompt", "5", "--method", "cfg", "--steps", "2", "--out", out) == 0
+    record = run_json(out)["images"][0]
+    assert record["files"] == {"cfg": "00000-5.png"} and record["runs"]["cfg"]["trace"] is None
+    from s2fast.digits import load_default_pipeline
+
+    stock = load_default_pipeline()([5], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    np.testing.assert_array_equal(png(out / "00000-5.png"), np.asarray(stock.convert("RGB")))
