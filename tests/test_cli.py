@@ -5,7 +5,6 @@ and a non-zero exit, and bench's table."""
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -345,10 +344,10 @@ def test_bench_refuses_too_few_steps(capsys):
     assert "--steps must be at least 3" in line
 
 
-def test_demo_subcommand_runs_the_demo(tmp_path):
-    assert shutil.which("s2fast", path=str(BIN))
-    assert cli("demo", "--samples", "10", "--per-class", "1", "--steps", "2", "--batch", "10", "--out", tmp_path) == 0
-    assert (tmp_path / "grid.png").exists() and (tmp_path / "metrics.json").exists()
+def test_demo_subcommand_is_the_demo(capsys):
+    # routed to the demo's own parser (the demo itself runs in test_digits_embedded.py)
+    assert cli("demo", "--steps", "1") == 2
+    assert "--steps must be at least 2" in capsys.readouterr().err
 
 
 def test_bench_on_a_pipeline_without_step_callbacks(tmp_path, folders, capsys):
