@@ -231,12 +231,15 @@ def _unsupported_folder(tmp_path):
     ("missing prompts file", ["digits", "--prompts", "{tmp}/none.txt"], "cannot read --prompts"),
     ("empty prompts file", ["digits", "--prompts", "{empty}"], "holds no prompt"),
     ("bad device", ["digits", "--prompt", "1", "--device", "nonsense"], "--device"),
+    ("out is a file", ["digits", "--prompt", "1", "--out", "{empty}"], "cannot create --out"),
 ])
 def test_user_errors_end_with_one_line(tmp_path, capsys, case, argv, words):
     (tmp_path / "empty.txt").write_text("\n\n")
     subs = dict(tmp=tmp_path, unsupported=_unsupported_folder(tmp_path), empty=tmp_path / "empty.txt")
     argv = [a.format(**subs) for a in argv]
-    assert cli("generate", *argv, "--steps", "2", "--out", tmp_path / "out") == 1
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert cli("generate", *argv, "--steps", "2") == 1
     (line,) = error_lines(capsys.readouterr().err)
     assert line.startswith("s2fast: error:") and words in line, line
 

@@ -86,7 +86,10 @@ def run(args) -> None:
     for job in jobs:  # every prompt's conditioning checked before anything runs (a bad class name fails at once)
         family.condition(pipe, job.prompt)
     methods = ["cfg", args.method] if args.compare else [args.method]
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {args.out}: {e.strerror or e}") from None
     pending = [job for job in jobs if not _done(args.out, job, settings)]
     processes.barrier()  # every process has listed what is done before any writes
     mine = processes.split(pending)
@@ -214,14 +217,16 @@ def _write_exclusive(path: str, data: bytes) -> None:
     """Write ``data`` to ``path``, which must not exist: written to a temporary name, then linked into place
     (atomic, and a second writer of the same path fails instead of overwriting)."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
     try:
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.link(tmp, path)
     except FileExistsError:
         raise UserError(f"{path} was written by another process of this run (prompts overlap)") from None
+    except OSError as e:  # a full disk, a folder that vanished
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        os.unlink(tmp)
+        _remove(tmp)
 
 
 def _remove(path: str) -> None:
