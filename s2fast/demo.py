@@ -24,17 +24,11 @@ import statistics
 import time
 from typing import Dict, List, Tuple
 
-import torch
-from tqdm.auto import tqdm
-
 import s2fast
 from s2fast import S2Config
-from s2fast.digits.classifier import load_judge
-from s2fast.digits.evaluate import balanced_labels
-from s2fast.digits.pipeline import load_default_pipeline
-from s2fast.engine import block_rows
-from s2fast.quality.plots import digit_grid_png
-from s2fast.timing import block_share, step_floor, timing_warning
+
+# torch and the model code are imported by the functions that use them, so that `--help` (and `s2fast demo --help`)
+# answers without loading torch.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="s2fast-demo", help="folder for grid.png and metrics.json (default ./s2fast-demo)")
     p.add_argument("--weights", default=None, help="a trained digits pipeline folder (default: the embedded one)")
     args = p.parse_args(argv)
+    from s2fast.digits.evaluate import balanced_labels
+
     if args.steps < 2:
         p.error("--steps must be at least 2 (the first step's time includes the call's set-up)")
     if args.per_class < 1 or args.batch < 1:
@@ -75,6 +71,8 @@ class _Method:
     call by call), its images, and the median step time of each of its calls."""
 
     def __init__(self, name: str, seed: int, setup):
+        import torch
+
         self.name, self.setup = name, setup
         self.generator = torch.Generator().manual_seed(seed)
         self.images: List[torch.Tensor] = []
@@ -100,6 +98,16 @@ def _call(pipe, method: _Method, chunk, args, bar) -> None:
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from s2fast.digits.classifier import load_judge
+    from s2fast.digits.evaluate import balanced_labels
+    from s2fast.digits.pipeline import load_default_pipeline
+    from s2fast.engine import block_rows
+    from s2fast.quality.plots import digit_grid_png
+    from s2fast.timing import block_share, step_floor, timing_warning
+
     pipe = load_default_pipeline(args.weights) if args.weights else load_default_pipeline()
     judge = load_judge(args.weights) if args.weights else load_judge()
     labels = balanced_labels(args.samples)
@@ -175,6 +183,8 @@ def format_report(args, r) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    import torch
+
     torch.set_grad_enabled(False)
     print(format_report(args, run(args)))
 

@@ -1,0 +1,174 @@
+"""The s2fast command: generate images with CFG or S² from any supported checkpoint, time the methods on it,
+and run the demo.
+
+    s2fast generate MODEL --prompt TEXT --out DIR [--method cfg|s2] [--compare] [--prompts FILE] ...
+    s2fast bench MODEL [--steps N] [--rounds R] [--json FILE]
+    s2fast demo [demo options]
+
+MODEL is a local diffusers folder, a Hugging Face hub id (diffusers' own loading and cache; HF_HUB_OFFLINE is
+respected) or ``digits``, the embedded model. This module imports no torch: ``--help`` and option errors answer
+at once, and the subcommand's module (which imports torch) loads only after the arguments are parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import List, Optional
+
+from .errors import UserError
+from .methods import METHODS
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must lie in 0..2**63-1, got {value}")
+    return value
+
+
+def _finite(minimum: float, strict: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '≥'} {minimum:g}, got {text}")
+        return value
+    return parse
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="a local diffusers pipeline folder, a hub id (e.g. stabilityai/stable-diffusion-3.5-medium), "
+                        "or 'digits' (the embedded MNIST DiT)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights and activations: auto = bf16 on a GPU, fp32 on the CPU (default auto)")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu; under accelerate/torchrun each process "
+                        "takes its own)")
+    p.add_argument("--offload", choices=("model",), default=None,
+                   help="'model': diffusers' model CPU offload (each model moves to the device while it runs)")
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default=None,
+                   help="the prompt; for class-conditional pipelines a class name or id (DiT: an ImageNet label, "
+                        "digits: 0-9)")
+    p.add_argument("--negative-prompt", default=None, help="the negative prompt (text pipelines)")
+    p.add_argument("--omega", type=_finite(0, False), default=0.25, help="S² scale ω (default 0.25, the paper's)")
+    p.add_argument("--drop-ratio", type=_finite(0, True), default=0.1,
+                   help="fraction of blocks each S² sub-network skips (default 0.1)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="denoising steps (generate: the pipeline's default; bench: 10)")
+    p.add_argument("--guidance", type=_finite(0, False), default=None,
+                   help="CFG scale λ (default: the pipeline's; Flux: its true_cfg_scale, with an empty negative "
+                        "prompt unless one is given)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="noise seed (prompt i of a --prompts file uses seed + i) and S² mask seed (default 0)")
+    p.add_argument("--height", type=_positive_int, default=None, help="image height (text pipelines)")
+    p.add_argument("--width", type=_positive_int, default=None, help="image width (text pipelines)")
+    p.add_argument("--frames", type=_positive_int, default=None, help="frames (video pipelines)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): the message names the option and where help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="s2fast", description=__doc__.split("\n\n")[0])
+    from s2fast import __version__
+
+    parser.add_argument("--version", action="version", version=f"s2fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,bench,demo}")
+    sub.required = True
+
+    gen = sub.add_parser("generate", help="sample images with CFG or S² and write PNGs and run.json",
+                         description="Sample one image per prompt with the chosen method; write one PNG per image and "
+                                     "run.json (settings, versions, device, per-step and total times, S² masks).")
+    _model_options(gen)
+    _sampling_options(gen)
+    gen.add_argument("--method", choices=tuple(METHODS), default="s2",
+                     help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + " (default s2)")
+    gen.add_argument("--compare", action="store_true",
+                     help="also sample CFG from the same noise and write a side-by-side image (CFG left)")
+    gen.add_argument("--prompts", metavar="FILE", default=None,
+                     help="one prompt per line (blank lines skipped); resumable: prompts whose outputs exist are "
+                          "skipped")
+    gen.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+
+    bench = sub.add_parser("bench", help="time stock CFG, s2fast CFG, naive S² and s2fast S² on MODEL",
+                           description="Time stock CFG, s2fast CFG, naive three-pass S² and s2fast S² on MODEL in "
+                                       "interleaved rounds; print per-step time, ratio to stock CFG, block-row floor "
+                                       "and peak memory, and say when the spread makes a ratio untrustworthy.")
+    _model_options(bench)
+    _sampling_options(bench)
+    bench.set_defaults(steps=10)  # not the pipeline's 28-50: four cases × rounds of full calls
+    bench.add_argument("--rounds", type=_positive_int, default=5, help="interleaved timing rounds (default 5)")
+    bench.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+
+    parser.subcommands = {"generate": gen, "bench": bench}  # for the cross-option errors, in the subcommand's name
+    sub.add_parser("demo", help="the digits demo (CFG vs S² on the embedded model); `s2fast demo --help`",
+                   add_help=False)
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-option checks that need no model (the rest are checked once the pipeline is loaded)."""
+    parser = parser.subcommands[args.command]
+    if args.command == "generate":
+        if (args.prompt is None) == (args.prompts is None):
+            parser.error("give exactly one of --prompt TEXT and --prompts FILE")
+        if args.compare and args.method == "cfg":
+            parser.error("--compare samples CFG beside the chosen method: choose another --method than cfg")
+    if args.command in ("generate", "bench") and args.drop_ratio >= 1:
+        parser.error(f"argument --drop-ratio: must be < 1, got {args.drop_ratio:g}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo keeps its own parser (and its --help)
+        from s2fast import demo
+
+        sys.exit(_guarded(lambda: demo.main(argv[1:])))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    if args.command == "generate":
+        from . import generate as command
+    else:
+        from . import bench as command
+    sys.exit(_guarded(lambda: command.run(args)))
+
+
+def _guarded(run) -> int:
+    """Run a subcommand; a problem the user can fix ends with one line on stderr and exit status 1."""
+    try:
+        run()
+    except UserError as e:
+        print(f"s2fast: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("s2fast: interrupted (finished outputs are kept)", file=sys.stderr)
+        return 130
+    return 0

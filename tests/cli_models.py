@@ -1,0 +1,101 @@
+"""Tiny pipelines saved as diffusers folders for the command's tests, built offline: random weights from configs,
+and for SD3 and Flux text encoders and tokenizers built from a vocabulary written here (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+
+import torch
+
+from s2fast import tiny
+
+# A DiT's id2label, as ImageNet checkpoints carry it in model_index.json (several names per class, comma-separated).
+ID2LABEL = {"0": "tench, Tinca tinca", "1": "goldfish, Carassius auratus", "207": "golden retriever"}
+
+
+def save_dit(path: str) -> str:
+    pipe = tiny.dit_pipeline(tiny.DiTShape(num_layers=4))
+    pipe.save_pretrained(path)
+    _add_to_index(path, id2label=ID2LABEL)
+    return path
+
+
+def clip_tokenizer():
+    """CLIP's byte-level BPE over single characters (each with and without the end-of-word mark) and no merges:
+    every word is spelt out letter by letter, which is all a random-weight encoder needs."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def t5_tokenizer():
+    """T5's unigram tokenizer over lowercase letters, digits and punctuation (anything else maps to <unk>)."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -2.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def _clip_encoder(cls, vocab: int, hidden: int, projection: int):
+    from transformers import CLIPTextConfig
+
+    torch.manual_seed(1)
+    return cls(CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                              num_attention_heads=2, max_position_embeddings=77, projection_dim=projection,
+                              eos_token_id=vocab - 1, bos_token_id=vocab - 2, pad_token_id=vocab - 1)).eval()
+
+
+def _t5_encoder(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(2)
+    return T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer()), d_model=d_model, d_kv=8, d_ff=32, num_layers=1,
+                                   num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                   pad_token_id=0, eos_token_id=1)).eval()
+
+
+def save_sd3(path: str) -> str:
+    """SD3 with two CLIP encoders (hidden 16 each: their concatenation fits the joint dimension 32; pooled 32 + 32
+    = the transformer's 64) and a T5 encoder (d_model 32 = the joint dimension)."""
+    from transformers import CLIPTextModelWithProjection
+
+    shape = tiny.SD3Shape(num_layers=4)
+    pipe = tiny.sd3_pipeline(shape)
+    tok = clip_tokenizer()
+    vocab = len(tok)
+    pipe.register_modules(
+        tokenizer=tok, tokenizer_2=tok,
+        text_encoder=_clip_encoder(CLIPTextModelWithProjection, vocab, 16, shape.pooled_dim // 2),
+        text_encoder_2=_clip_encoder(CLIPTextModelWithProjection, vocab, 16, shape.pooled_dim // 2),
+        tokenizer_3=t5_tokenizer(), text_encoder_3=_t5_encoder(shape.joint_attention_dim),
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def _add_to_index(path: str, **entries) -> None:
+    index = os.path.join(path, "model_index.json")
+    with open(index) as f:
+        config = json.load(f)
+    config.update(entries)
+    with open(index, "w") as f:
+        json.dump(config, f)
+
+
+def save_flux(path: str) -> str:
+    """Flux with a CLIP encoder (pooled = hidden 32) and a T5 encoder (d_model 32 = the joint dimension)."""
+    from transformers import CLIPTextModel
+
+    shape = tiny.FluxShape()
+    pipe = tiny.flux_pipeline(shape)
+    tok = clip_tokenizer()
+    pipe.register_modules(tokenizer=tok, tokenizer_2=t5_tokenizer(), text_encoder_2=_t5_encoder(shape.joint_attention_dim),
+                          text_encoder=_clip_encoder(CLIPTextModel, len(tok), shape.pooled_dim, shape.pooled_dim))
+    pipe.save_pretrained(path)
+    return path
