@@ -46,7 +46,9 @@ class Step:
 
 
 def _pytest(*args: str) -> List[str]:
-    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args]
+    # the venv's pytest script, not `python -m pytest`: that would put the repository root on sys.path, where
+    # kernels/ would be importable as a top-level "kernels" (a name diffusers probes for)
+    return [str(BIN / "pytest"), "-p", "no:cacheprovider", *args]
 
 
 def default_steps(out: Path, arch: str = "9.0") -> List[Step]:
