@@ -7,6 +7,7 @@ logs its reason once (logger "s2fast"). Neither Triton nor the extension is impo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Optional, Sequence, Tuple
@@ -21,10 +22,10 @@ _logged: set = set()
 _imports: dict = {}
 
 
-def log_once(message: str) -> None:
+def log_once(message: str, level: int = logging.INFO) -> None:
     if message not in _logged:
         _logged.add(message)
-        logger.info(message)
+        logger.log(level, message)
 
 
 def requested_backend(backend: Optional[str]) -> Optional[str]:
@@ -100,3 +101,11 @@ def fast_backend_for(device: torch.device, backend: Optional[str] = None) -> Opt
         if name != "torch" and not unavailable(name, [probe], True):
             return name
     return None
+
+
+def launch_guard(device: torch.device):
+    """Make ``device`` the current CUDA device for a kernel launch (Triton and the extension launch on the current
+    device: a pipeline on cuda:1 would otherwise launch on cuda:0); nothing for other devices."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -35,6 +35,7 @@ def guided_flow_step(
     out: Optional[torch.Tensor] = None,
     guided_out: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
+    dt_device=None,
 ) -> torch.Tensor:
     """x_{t−1} from x_t (``sample``) and the predictions; returns ``out`` (allocated when None).
 
@@ -48,8 +49,15 @@ def guided_flow_step(
         mode: "exact" or "fp32" (see the module docstring).
         out: where x_{t−1} goes (may be ``sample`` itself: an in-place step). ``guided_out``: optionally receives D.
         backend: "torch", "triton" or "cuda"; default: S2FAST_BACKEND, else the fastest available.
+        dt_device: mode "exact" reproduces ``dt * D`` with dt on this device (the CPU or the tensors' device):
+            torch rounds a CPU scalar and a device one differently on a GPU. Default: where ``dt`` is. The fused
+            step passes the scheduler's sigmas device, which is where the stock step's dt lives.
     """
     _check(sample, cond, uncond, sub, dt, guidance_scale, omega, mode, out, guided_out)
+    dt_device = dt.device if dt_device is None else torch.device(dt_device)
+    if dt_device.type != "cpu" and (dt_device.type != cond.device.type
+                                    or dt_device.index not in (None, cond.device.index)):
+        raise ValueError(f"guided_flow_step: dt_device is {dt_device}, the tensors are on {cond.device}")
     if omega == 0:
         sub = None
     num_subs = 0 if sub is None else (1 if sub.dim() == sample.dim() else sub.shape[0])
@@ -58,25 +66,27 @@ def guided_flow_step(
     if out is None:
         out = torch.empty(cond.shape, dtype=cond.dtype, device=cond.device)
     if name == "torch":
-        return _torch_step(sample, cond, uncond, sub, dt, guidance_scale, omega, mode, out, guided_out)
+        return _torch_step(sample, cond, uncond, sub, dt, guidance_scale, omega, mode, out, guided_out, dt_device)
     if dt.device != cond.device:  # a kernel reads dt on the device; a copy made here is not seen by a graph replay
         dt = dt.to(cond.device)
     exact = mode == "exact"
-    rounding = scalar_rounding(cond.device, cond.dtype) if exact else None
+    rounding = scalar_rounding(cond.device, cond.dtype, dt_device) if exact else None
     lam = 0.0 if uncond is None else float(guidance_scale)
     om = float(omega)
     if exact:
         lam = effective_scalar(lam, cond.dtype, rounding.guidance_scale)
         om = effective_scalar(om, cond.dtype, rounding.guidance_scale)
-    module.launch(sample, cond, uncond, sub, num_subs, dt, out, guided_out, lam, om, exact,
-                  bool(exact and rounding.dt))
+    with dispatch.launch_guard(cond.device):  # a kernel launches on the current device: make it the tensors'
+        module.launch(sample, cond, uncond, sub, num_subs, dt, out, guided_out, lam, om, exact,
+                      bool(exact and rounding.dt))
     return out
 
 
-def _torch_step(sample, cond, uncond, sub, dt, guidance_scale, omega, mode, out, guided_out):
-    # Exact: the scheduler multiplies by a CPU dt; a device dt can round differently, so use the scheduler's form.
-    x_next, d = reference_flow_step(sample, cond, uncond, sub, dt.cpu() if mode == "exact" else dt, guidance_scale,
-                                    omega, mode)
+def _torch_step(sample, cond, uncond, sub, dt, guidance_scale, omega, mode, out, guided_out, dt_device):
+    # Exact: the stock step multiplies by dt where the scheduler holds it; a CPU and a device dt can round
+    # differently, so multiply by it there.
+    x_next, d = reference_flow_step(sample, cond, uncond, sub, dt.to(dt_device) if mode == "exact" else dt,
+                                    guidance_scale, omega, mode)
     if guided_out is not None:
         guided_out.copy_(d)
     return out.copy_(x_next)

@@ -1,6 +1,6 @@
 """guided_flow_step through the optional CUDA C++ extension ``s2fast.kernels._C`` (csrc/), built only on request:
 
-    S2FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" pip install -e .
+    S2FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" pip install --no-build-isolation -e .
 
 Importing this module raises ImportError when the extension was not built; kernels/dispatch.py then falls back.
 """

@@ -39,7 +39,7 @@ def reference_flow_step(
     2. with CFG, the pipeline's own line ``U + λ(C − U)`` applied to the [D, D] s2fast hands it; this gives D back
        bit for bit except a −0 (which becomes +0), so it is kept to make "exact" exact;
     3. FlowMatchEulerDiscreteScheduler.step: ``(sample.float() + dt * value).to(value.dtype)``, dt a 0-dim fp32
-       tensor (diffusers keeps it on the CPU).
+       tensor on the device the scheduler keeps its sigmas on (diffusers: the pipeline's), as the caller passes it.
 
     mode "fp32": the same formula with the combination and the update in fp32, one rounding at the end.
     """

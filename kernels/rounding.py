@@ -7,9 +7,11 @@ tensor's dtype, and which one depends on the device and on the operand order (to
     tensor * python_float   (the pipelines' ``λ * (C − U)``, our ``ω * (S − C)``)   scalar kept in fp32
     tensor_0dim * tensor    (the scheduler's ``dt * model_output``, dt a 0-dim fp32 tensor)   scalar rounded first
 
-CUDA reads CPU scalars through a different path, so rather than hard-code either answer, the first exact step on
-a device runs each pattern once on a few hundred values and compares against both hypotheses (computed exactly in
-float64). A device where neither matches gets a clear error instead of a silently inexact "exact" mode.
+CUDA reads a CPU scalar through a different path than a 0-dim tensor on the device, and diffusers keeps the
+scheduler's sigmas (hence dt) on the pipeline's device, so the dt pattern is probed with dt where the scheduler
+holds it. Rather than hard-code any answer, the first exact step on a device runs each pattern once on a few
+thousand values and compares against both hypotheses (computed exactly in float64). A device where neither
+matches gets a clear error instead of a silently inexact "exact" mode.
 """
 
 from __future__ import annotations
@@ -38,15 +40,17 @@ def effective_scalar(value: float, dtype: torch.dtype, rounded: bool) -> float:
     return float(t.to(torch.float32))
 
 
-def scalar_rounding(device: torch.device, dtype: torch.dtype) -> ScalarRounding:
-    """The rounding rules of torch's elementwise ops on ``device`` for ``dtype`` (probed once, then cached)."""
+def scalar_rounding(device: torch.device, dtype: torch.dtype, dt_device=None) -> ScalarRounding:
+    """The rounding rules of torch's elementwise ops on ``device`` for ``dtype`` (probed once, then cached), with
+    dt a 0-dim tensor on ``dt_device`` (default: the CPU) for the dt pattern."""
     if dtype not in LOW_PRECISION:
         return ScalarRounding(False, False)  # fp32: rounding a fp32 scalar to fp32 changes nothing
-    return _probe(torch.device(device).type, dtype)
+    dt_type = "cpu" if dt_device is None else torch.device(dt_device).type
+    return _probe(torch.device(device).type, dtype, dt_type)
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(device_type: str, dtype: torch.dtype) -> ScalarRounding:
+def _probe(device_type: str, dtype: torch.dtype, dt_device_type: str = "cpu") -> ScalarRounding:
     # 4096 normal values and a scalar that no bf16/fp16 holds exactly: the two hypotheses then disagree on about a
     # third of the elements (measured on the CPU), so the probe cannot match both (_which checks that they differ).
     values = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
@@ -54,7 +58,7 @@ def _probe(device_type: str, dtype: torch.dtype) -> ScalarRounding:
     device = torch.device(device_type)
     v = values.to(device)
     by_scalar = _which("tensor * python_float", (v * scalar).cpu(), values, scalar, dtype)
-    dt = torch.tensor(scalar, dtype=torch.float32)  # on the CPU, as the scheduler keeps its sigmas
+    dt = torch.tensor(scalar, dtype=torch.float32, device=dt_device_type)  # where the scheduler keeps its sigmas
     by_dt = _which("dt_tensor * tensor", (dt * v).cpu(), values, scalar, dtype)
     return ScalarRounding(guidance_scale=by_scalar, dt=by_dt)
 

@@ -9,7 +9,35 @@
 Importing s2fast is cheap: torch and diffusers are imported when wrap is first used.
 """
 
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
+
 from .config import S2Config
+
+
+def _kernels_of_this_checkout() -> None:
+    """In a source checkout, kernels/ (installed as s2fast.kernels) sits beside this package, and an editable
+    install maps the name to it through a finder of its own; a second editable install of another checkout would
+    then serve its kernels with this s2fast. A finder first in line answers s2fast.kernels from this checkout.
+    Installed from a wheel, s2fast/kernels/ is an ordinary subpackage and nothing is added."""
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    init = _os.path.join(_os.path.dirname(here), "kernels", "__init__.py")
+    if _os.path.isdir(_os.path.join(here, "kernels")) or not _os.path.isfile(init):
+        return
+
+    class _ThisCheckoutsKernels:
+        @staticmethod
+        def find_spec(fullname, path=None, target=None):
+            if fullname != "s2fast.kernels":
+                return None
+            return _importlib_util.spec_from_file_location(fullname, init,
+                                                           submodule_search_locations=[_os.path.dirname(init)])
+
+    _sys.meta_path.insert(0, _ThisCheckoutsKernels)
+
+
+_kernels_of_this_checkout()
 
 __version__ = "0.1.0"
 __all__ = ["S2Config", "wrap", "unwrap", "trace", "config_of", "graph_stats", "register_adapter", "__version__"]

@@ -81,9 +81,10 @@ def trace(pipe) -> Tuple:
 
 def graph_stats(pipe) -> Optional[dict]:
     """The block graphs of a wrapped pipeline: {"graphs", "captures", "replays", "eager_calls", "static_bytes",
-    "pool_bytes", "invalidations"}, counted since the graphs were created (a re-wrap keeps them; unwrap releases
-    them), summed over the pipeline's denoisers; None when graphs are off (or not decided yet: they are at the
-    first step)."""
+    "pool_bytes", "invalidations", "capture_failures", "order_fallbacks", "pools"}, counted since the graphs were
+    created (a re-wrap keeps them; unwrap releases them), summed over the pipeline's denoisers; None when graphs are
+    off (or not decided yet: they are at the first step). A capture failure means the wrap runs its blocks eagerly
+    (the reason is logged once)."""
     controller = _controller(pipe)
     return None if controller is None else controller.graph_stats()
 

@@ -80,7 +80,9 @@ class S2Config:
             the stock sequence.
         cuda_graphs: run every transformer block through a captured CUDA graph (s2fast/graphs.py): one graph per
             (block, lane, shapes), so every mask pattern replays the same graphs and none is recaptured after the
-            first step of a new input shape (which runs a warm-up that captures them all, fork_mode "separate").
+            first step of a new input shape (which runs a warm-up that captures them all: one discarded
+            prediction, num_masks + 1 with fork_mode "join"). A capture that fails (a block that synchronises
+            with the host) leaves that wrap running its blocks eagerly, logged once.
             ``"auto"`` (default) uses them when the transformer is on a CUDA device; ``True`` requires one
             (ValueError otherwise); ``False`` runs blocks eagerly. ``s2fast.graph_stats(pipe)`` reports the graphs,
             captures, replays and their memory. Numerics are those of the eager blocks (same kernels, replayed).

@@ -23,9 +23,9 @@ from .adapters import check_model
 from .adapters.base import FamilyAdapter, PipelineLocals, StepRequest
 from .attention import AttentionChoice, attention_backend
 from .config import Mask, S2Config, public_step_form
-from .engine import EngineOptions, predict
+from .engine import EngineOptions, graph_context, predict
 from .fused_step import FusedStep, SchedulerHook, fused_step_for_call
-from .graphs import BlockGraphs, kept_graphs, release_graphs, warmup_subnets
+from .graphs import BlockGraphs, kept_graphs, release_graphs, warmup_predictions, warmup_subnets
 from .kernels.dispatch import log_once
 
 logger = logging.getLogger("s2fast")
@@ -231,6 +231,8 @@ class Controller:
         elif offloaded and model.device.type == "cuda":
             log_once("s2fast: cuda_graphs='auto' runs without block graphs under model CPU offload (offloading moves "
                      "the weights a graph would read at every call)")
+        if state.graphs is not None:
+            state.graphs.failure = None  # a capture that failed under an earlier wrap is tried again
 
     @staticmethod
     def _input_key(rows) -> Tuple:
@@ -247,14 +249,16 @@ class Controller:
         return state.attention.backend_for(key, run, model.device)
 
     def _warm_up(self, model, state: _Denoiser, rows, key: Tuple) -> None:
-        """Before the first step of a new input shape: one discarded prediction whose sub-networks fork as early
-        as any mask can, so every (block, lane) graph a later mask needs is captured now, not mid-sampling."""
-        subnets = warmup_subnets(state.num_blocks, self.config)
-        done = (key, subnets, state.graphs.variant)
-        if done in state.graphs.warmed:  # by this wrap, or by an earlier one of the same model
+        """Before the first step of a new input shape (or LoRA scale, autocast state, config): discarded
+        predictions whose sub-networks fork as early as any mask can (graphs.warmup_predictions), so every
+        (block, lane) graph a later mask needs is captured now, not mid-sampling."""
+        predictions = warmup_predictions(state.num_blocks, self.config)
+        done = (key, predictions, state.graphs.variant, graph_context(self.adapter, rows))
+        if done in state.graphs.warmed or state.graphs.failure is not None:  # done already, or graphs failed
             return
         state.graphs.warmed.add(done)
-        self.predictor(self.adapter, model, rows, subnets, self.options(state))
+        for subnets in predictions:
+            self.predictor(self.adapter, model, rows, subnets, self.options(state))
 
     # --- the forward that the pipeline calls ------------------------------------------------------------------
     def forward(self, pipe, model, frame_locals: Dict[str, Any], args: tuple, kwargs: Dict[str, Any]):

@@ -52,13 +52,22 @@ def predict(
 ) -> List[torch.Tensor]:
     """Predictions for every branch of ``rows`` (in order), then one per mask in ``subnets`` (the cond branch with
     those blocks skipped)."""
-    first = rows.branch(0).get(adapter.attention_kwargs_key)
-    _, lora_scale = split_lora_scale(first)
+    _, lora_scale = split_lora_scale(rows.branch(0).get(adapter.attention_kwargs_key))
     if options.graphs is not None:
-        # the LoRA scale is applied to the layers in Python, so a captured graph holds the one it was captured with
-        options.graphs.context = ("lora_scale", lora_scale)
+        options.graphs.begin_prediction(graph_context(adapter, rows))
     with lora_scale_context(model, lora_scale):
         return _predict(adapter, model, rows, subnets, options)
+
+
+def graph_context(adapter, rows: BranchRows) -> Tuple:
+    """What a captured graph holds that its inputs do not show: the LoRA scale (applied to the layers in Python)
+    and the autocast state of the rows' device (which kernels and dtypes the blocks ran). Part of every graph key
+    and of the warm-up's."""
+    first = rows.branch(0)
+    _, lora_scale = split_lora_scale(first.get(adapter.attention_kwargs_key))
+    device_type = next((v.device.type for v in first.values() if isinstance(v, torch.Tensor)), "cpu")
+    autocast = (torch.get_autocast_dtype(device_type),) if torch.is_autocast_enabled(device_type) else None
+    return ("lora_scale", lora_scale, "autocast", autocast)
 
 
 def _predict(adapter, model, rows: BranchRows, subnets, options: EngineOptions) -> List[torch.Tensor]:

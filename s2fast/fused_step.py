@@ -101,8 +101,11 @@ class FusedStep:
     def __init__(self, hook: SchedulerHook, scheduler, device: torch.device, mode: str):
         self.hook = hook
         self.mode = mode
-        # dt_i = σ_{i+1} − σ_i, computed as the scheduler does (fp32, on its CPU sigmas), moved to the device once.
+        # dt_i = σ_{i+1} − σ_i, computed as the scheduler does (fp32, on its sigmas), moved to the device once.
+        # Exact mode rounds as the stock step's ``dt * D`` does with dt where the scheduler keeps its sigmas
+        # (diffusers: the pipeline's device); a CPU dt would round differently on a GPU.
         sigmas = scheduler.sigmas
+        self.dt_device = sigmas.device
         self.dts = (sigmas[1:] - sigmas[:-1]).to(device)
 
     def step(self, scheduler, latents: torch.Tensor, t, cond: torch.Tensor, uncond: Optional[torch.Tensor],
@@ -117,7 +120,8 @@ class FusedStep:
         sub = None if not subs else (subs[0] if len(subs) == 1 else torch.stack(list(subs)))
         d = torch.empty_like(cond)
         x_next = guided_flow_step(latents, cond, dt=self.dts[index], uncond=uncond, sub=sub,
-                                  guidance_scale=guidance_scale, omega=omega, mode=self.mode, guided_out=d)
+                                  guidance_scale=guidance_scale, omega=omega, mode=self.mode, guided_out=d,
+                                  dt_device=self.dt_device)
         self.hook.pending = _Pending(latents, t, index, x_next)
         return d
 

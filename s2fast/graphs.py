@@ -12,7 +12,8 @@ other's outputs before the next block has read them (a graph's outputs live unti
 denoising step later, by which time the engine has moved on).
 
 Timestep, class labels and temb reach the graphs as row constants copied into static buffers, so a new step needs
-no new graph; shared tensors (rotary embeddings) are copied in too. Non-tensor arguments are part of the key.
+no new graph; shared tensors (rotary embeddings) are copied once per step into one buffer per shape that every
+graph reads. Non-tensor arguments are part of the key, and so are the LoRA scale and the autocast state.
 
 Chaining: an input that is exactly another graph's static output — block j−1's output on the same lane — becomes
 the graph's static input as it is (no buffer of its own, no copy). When a later step feeds that graph from
@@ -20,19 +21,35 @@ elsewhere (a sub-network lane forked at another block), the input is copied into
 safe: the producer's output is then not this step's lane state, and nothing else reads it before the producer's
 next replay rewrites it.
 
-The capture mechanism is a backend: ``CudaGraphBackend`` (torch.cuda.CUDAGraph with one memory pool shared by all
-graphs of a wrap) on a GPU, and ``EagerBackend`` — the same static-buffer contract, run eagerly — for tests on
-the CPU: it re-runs the function on the static inputs and writes into the static outputs, so a consumer that kept
-an output past the graph's next replay sees it overwritten exactly as on a GPU.
+Memory pools and replay order. torch lets graphs share a memory pool only if they replay in the order they were
+captured: a graph's intermediates reuse memory that earlier captures freed, so a graph captured later may keep its
+outputs where an earlier graph's intermediates go, and replaying that earlier graph after it overwrites them.
+Within one prediction (one step's block calls) the engine calls graphs in a fixed order — block by block, lane by
+lane — so the captures of one prediction, made in that order, are replayed in that order by every later
+prediction (a mask only skips some). A prediction that captures (the warm-up, or a later one that meets a new key:
+a new LoRA scale, more masks, ...) therefore opens a pool of its own, and graphs of different pools never share
+memory, so no order of replays across pools can corrupt one. As a backstop, a replay that would go back in its
+pool's capture order within a prediction runs eagerly instead (counted in ``order_fallbacks``). A graph's outputs
+are read within the prediction that replays it; the next prediction's replays may overwrite them.
+
+The capture mechanism is a backend: ``CudaGraphBackend`` (torch.cuda.CUDAGraph, a pool per capture set) on a GPU,
+and ``EagerBackend`` — the same static-buffer contract, run eagerly — for tests on the CPU: it re-runs the function
+on the static inputs and writes into the static outputs, so a consumer that kept an output past the graph's next
+replay sees it overwritten exactly as on a GPU. ``RecordingBackend`` also records captures and replays, for the
+order check. A capture that fails (a block that synchronises with the host, or holds a CUDA graph of its own) drops
+the graphs: the wrap runs its blocks eagerly, logged once and counted in ``capture_failures``.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
+
+from .kernels.dispatch import log_once
 
 Tensors = List[Optional[torch.Tensor]]
 
@@ -49,12 +66,26 @@ def _nbytes(tensors: Sequence[Optional[torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+class CaptureFailed(RuntimeError):
+    """A graph could not be captured (the block synchronises with the host, holds a graph of its own, ...)."""
+
+
 class EagerBackend:
     """CPU stand-in with a CUDA graph's buffer semantics (see the module docstring). Used by the tests."""
 
     name = "eager"
 
-    def capture(self, fn: Callable[[Tensors], Tensors], static_in: Tensors):
+    def __init__(self):
+        self._pools = 0
+
+    def new_pool(self) -> Hashable:
+        self._pools += 1
+        return ("eager-pool", self._pools)
+
+    def begin_prediction(self) -> None:
+        pass
+
+    def capture(self, fn: Callable[[Tensors], Tensors], static_in: Tensors, pool: Hashable):
         static_out = [None if t is None else t.clone() for t in fn(static_in)]
 
         def replay():
@@ -71,40 +102,111 @@ class EagerBackend:
         return 0
 
 
+class RecordingBackend(EagerBackend):
+    """EagerBackend that records every prediction start, capture and replay as (event, pool, capture index), so a
+    test can check the order rule of shared pools (``order_violations``). With ``clobber`` it also does to the
+    outputs what a shared pool may do on a GPU: replaying a graph overwrites (with NaN) the outputs of the graphs
+    of its pool captured after it, whose memory its intermediates may reuse; replays in capture order rewrite
+    them before anyone reads them, replays out of order leave NaN in the result."""
+
+    name = "recording"
+
+    def __init__(self, clobber: bool = True):
+        super().__init__()
+        self.clobber = clobber
+        self.events: List[Tuple[str, Any, int]] = []
+        self._captured = 0
+        self._outputs: Dict[Hashable, List[Tuple[int, Tensors]]] = {}  # pool -> (capture index, static outputs)
+
+    def begin_prediction(self) -> None:
+        self.events.append(("begin", None, -1))
+
+    def capture(self, fn, static_in, pool):
+        index, self._captured = self._captured, self._captured + 1
+        self.events.append(("capture", pool, index))
+        replay, static_out = super().capture(fn, static_in, pool)
+        self._outputs.setdefault(pool, []).append((index, static_out))
+
+        def recorded_replay():
+            self.events.append(("replay", pool, index))
+            if self.clobber:
+                for later, outputs in self._outputs[pool]:
+                    if later > index:
+                        for t in outputs:
+                            if t is not None and t.is_floating_point():
+                                t.fill_(float("nan"))
+            replay()
+
+        return recorded_replay, static_out
+
+    def forget(self) -> None:
+        self._outputs.clear()
+
+    def order_violations(self) -> List[str]:
+        """Replays that break torch's rule for graphs sharing a pool: within one prediction, the graphs of a pool
+        must replay in the order they were captured (see the module docstring)."""
+        found, last = [], {}
+        for event, pool, index in self.events:
+            if event == "begin":
+                last = {}
+            elif event == "replay":
+                if index <= last.get(pool, -1):
+                    found.append(f"graph {index} of pool {pool} replayed after graph {last[pool]}")
+                last[pool] = index
+        return found
+
+
 class CudaGraphBackend:
-    """torch.cuda.CUDAGraph capture, all graphs of a wrap in one memory pool (they replay one after another on the
-    same stream, so the pool's intermediate buffers can be shared). Warm-up runs on a side stream first, as
+    """torch.cuda.CUDAGraph capture. The graphs of one capture set (one prediction's captures) share a memory pool;
+    each set has a pool of its own (module docstring: why). Warm-up runs on a side stream first, as
     torch.cuda.graphs' docs require (lazy cuBLAS/attention workspace set-up must not happen during capture)."""
 
     name = "cuda"
 
     def __init__(self, warmup: int = 2):
         self.warmup = warmup
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pools: List[Any] = []
         self.graphs: List[Any] = []
 
-    def capture(self, fn: Callable[[Tensors], Tensors], static_in: Tensors):
+    def new_pool(self):
+        # always a fresh handle: a pool id released by forget() is never handed to a new capture
+        pool = torch.cuda.graph_pool_handle()
+        self.pools.append(pool)
+        return pool
+
+    def begin_prediction(self) -> None:
+        pass
+
+    def capture(self, fn: Callable[[Tensors], Tensors], static_in: Tensors, pool):
+        stream = torch.cuda.current_stream()
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(stream)
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 fn(static_in)
-        torch.cuda.current_stream().wait_stream(side)
+        stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            static_out = fn(static_in)
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                static_out = fn(static_in)
+        except Exception as e:
+            # torch.cuda.graph leaves its capture stream current when ending the capture raises: restore ours
+            torch.cuda.set_stream(stream)
+            raise CaptureFailed(f"{type(e).__name__}: {e}") from e
         self.graphs.append(graph)
         return graph.replay, static_out
 
     def forget(self) -> None:
-        self.graphs.clear()  # dropped graphs release their share of the pool
+        self.graphs.clear()  # dropped graphs release their share of their pools
+        self.pools.clear()
 
     def pool_bytes(self) -> int:
-        # reserved memory of the graphs' private pool, from the allocator's snapshot; 0 where this torch's
+        # reserved memory of the graphs' private pools, from the allocator's snapshot; 0 where this torch's
         # snapshot does not name pools (a report, never a reason to fail a capture)
         try:
+            pools = {tuple(p) for p in self.pools}
             return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-                       if tuple(seg.get("segment_pool_id", ())) == tuple(self.pool))
+                       if tuple(seg.get("segment_pool_id", ())) in pools)
         except Exception:
             return 0
 
@@ -114,22 +216,28 @@ class _Graph:
     replay: Callable[[], None]
     static_in: Tensors
     static_out: Tensors
+    pool: Hashable = None
+    index: int = 0              # capture order, over all graphs of the BlockGraphs
 
 
 @dataclass
 class GraphStats:
     captures: int = 0
     replays: int = 0
-    eager_calls: int = 0            # calls that ran without a graph (a key that cannot be graphed)
-    static_bytes: int = 0           # static input and output buffers of every graph
-    pool_bytes: int = 0             # the backend's pool (intermediate activations), where it can tell
+    eager_calls: int = 0            # calls that ran without a graph (a key that cannot be graphed, or a fallback)
+    static_bytes: int = 0           # static input and output buffers of every graph, and the shared buffers
+    pool_bytes: int = 0             # the backend's pools (intermediate activations), where it can tell
     invalidations: int = 0          # times every graph was dropped because the model's parameters changed
+    capture_failures: int = 0       # captures that raised: the graphs were dropped and the wrap runs eagerly
+    order_fallbacks: int = 0        # replays refused because they would break a pool's capture order (ran eagerly)
+    pools: int = 0                  # capture sets opened (one memory pool each)
     keys: List[Hashable] = field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
         return {"graphs": len(self.keys), "captures": self.captures, "replays": self.replays,
                 "eager_calls": self.eager_calls, "static_bytes": self.static_bytes, "pool_bytes": self.pool_bytes,
-                "invalidations": self.invalidations}
+                "invalidations": self.invalidations, "capture_failures": self.capture_failures,
+                "order_fallbacks": self.order_fallbacks, "pools": self.pools}
 
 
 class BlockGraphs:
@@ -138,7 +246,8 @@ class BlockGraphs:
 
     ``fn`` must depend only on its tensor arguments and on ``static`` (hashable): that is what makes a replay equal
     to an eager call. ``max_graphs`` bounds the memory: past it, new keys run eagerly (counted in ``eager_calls``)
-    rather than capture.
+    rather than capture. The caller marks each prediction (one denoising step's calls) with ``begin_prediction``:
+    the captures of one prediction share a pool, and replays are checked against the pool's capture order.
     """
 
     def __init__(self, backend, max_graphs: int = 1024, chain: bool = True):
@@ -151,14 +260,31 @@ class BlockGraphs:
         self._outputs: Dict[int, torch.Tensor] = {}  # data_ptr -> static output, for chaining
         self._graphs: Dict[Hashable, _Graph] = {}
         self.stats = GraphStats()
-        # Part of every key: state a replay cannot see. ``context`` is set by the engine (the LoRA scale, applied
-        # to the layers in Python); ``variant`` by the controller (the attention backend and the block compile the
-        # graphs were captured under), so graphs kept across re-wraps never replay another configuration's kernels.
+        # Part of every key: state a replay cannot see. ``context`` is set per prediction by the engine (the LoRA
+        # scale, applied to the layers in Python, and the autocast state); ``variant`` by the controller (the
+        # attention backend and the block compile the graphs were captured under), so graphs kept across re-wraps
+        # never replay another configuration's kernels.
         self.context: Hashable = ()
         self.variant: Hashable = ()
         self.warmed: set = set()  # the controller's warm-ups already done on these graphs
+        # Why the last capture failed: while set, every call runs eagerly (the controller clears it at a new wrap).
+        self.failure: Optional[str] = None
         self._fingerprint: Optional[Tuple] = None
         self._flat: Optional[Tuple[Dict[str, Any], Any]] = None  # flatten_shared of the last shared dict seen
+        # One static buffer per shared tensor (rotary embeddings) and shape, read by every graph in place
+        self._shared: Dict[Hashable, torch.Tensor] = {}
+        self._shared_ptrs: Dict[int, torch.Tensor] = {}
+        self._captured = 0
+        self._capture_pool: Optional[Hashable] = None     # the pool of this prediction's captures, once opened
+        self._last_replayed: Dict[Hashable, int] = {}    # pool -> capture index of its last replay this prediction
+
+    def begin_prediction(self, context: Hashable = ()) -> None:
+        """Start a prediction: its captures go to a new pool (opened at the first one), and the order check of
+        every pool starts afresh."""
+        self.context = context
+        self._capture_pool = None
+        self._last_replayed = {}
+        self.backend.begin_prediction()
 
     def check_model(self, model) -> bool:
         """Drop every graph when the model's parameter tensors changed since the last check (a LoRA loaded or
@@ -168,49 +294,94 @@ class BlockGraphs:
         stale = self._fingerprint is not None and fingerprint != self._fingerprint and bool(self._graphs)
         self._fingerprint = fingerprint
         if stale:
-            self._graphs.clear()
-            self._outputs.clear()
-            self.warmed.clear()
-            self.backend.forget()
-            self.stats.keys.clear()
-            self.stats.static_bytes = 0
+            self.drop()
             self.stats.invalidations += 1
         return stale
 
+    def drop(self) -> None:
+        """Forget every graph and pool (the shared buffers stay: they hold no model state)."""
+        self._graphs.clear()
+        self._outputs.clear()
+        self.warmed.clear()
+        self.backend.forget()
+        self.stats.keys.clear()
+        self.stats.static_bytes = _nbytes(self._shared.values())
+        self.stats.pool_bytes = 0
+        self._capture_pool = None
+        self._last_replayed = {}
+
     def run(self, key: Hashable, fn: Callable[[Tensors], Tensors], tensors: Tensors, static: Hashable = ()) -> Tensors:
+        if self.failure is not None:
+            self.stats.eager_calls += 1
+            return fn(tensors)
         full_key = (key, _signature(tensors), static, self.context, self.variant)
         graph = self._graphs.get(full_key)
         if graph is None:
             if len(self._graphs) >= self.max_graphs:
                 self.stats.eager_calls += 1
                 return fn(tensors)
-            graph = self._capture(full_key, fn, tensors)
+            try:
+                graph = self._capture(full_key, fn, tensors)
+            except CaptureFailed as e:
+                self._fail(str(e))
+                self.stats.eager_calls += 1
+                return fn(tensors)
         else:
+            if self._out_of_order(graph):
+                self.stats.order_fallbacks += 1
+                self.stats.eager_calls += 1
+                log_once("s2fast: a block graph was called out of its pool's capture order; ran it eagerly")
+                return fn(tensors)
             for dst, src in zip(graph.static_in, tensors):
                 if dst is not None and dst.data_ptr() != src.data_ptr():  # a chained input is already in place
                     dst.copy_(src)
         graph.replay()
+        self._last_replayed[graph.pool] = graph.index
         self.stats.replays += 1
         return graph.static_out
 
+    def _out_of_order(self, graph: _Graph) -> bool:
+        """A later-captured graph of this graph's pool already ran in this prediction: its outputs may sit in the
+        memory this graph's intermediates use. The engine's (block, lane) order never gets here."""
+        return graph.index < self._last_replayed.get(graph.pool, -1)
+
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        self.stats.capture_failures += 1
+        self.drop()
+        log_once(f"s2fast: capturing a block graph failed ({reason}); this wrap runs its blocks eagerly, without "
+                 "graphs (cuda_graphs=False avoids the attempt)", logging.WARNING)
+
     def _producer_output(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The static output of some graph that ``t`` is exactly (same storage, shape, strides, dtype), or None."""
-        out = self._outputs.get(t.data_ptr()) if self.chain and t is not None else None
+        """The static buffer that ``t`` is exactly (same storage, shape, strides, dtype): another graph's static
+        output, or a shared buffer; None otherwise."""
+        if t is None:
+            return None
+        out = self._shared_ptrs.get(t.data_ptr())
+        if out is None and self.chain:
+            out = self._outputs.get(t.data_ptr())
         if out is not None and out.shape == t.shape and out.stride() == t.stride() and out.dtype == t.dtype:
             return out
         return None
 
     def _capture(self, full_key, fn, tensors) -> _Graph:
-        static_in, owned = [], []
-        for t in tensors:
-            buffer = self._producer_output(t)
-            if buffer is None and t is not None:
-                buffer = _static_like(t)
-                buffer.copy_(t)
-                owned.append(buffer)
-            static_in.append(buffer)
-        replay, static_out = self.backend.capture(fn, static_in)
-        graph = _Graph(replay, static_in, list(static_out))
+        if self._capture_pool is None:
+            self._capture_pool = self.backend.new_pool()
+            self.stats.pools += 1
+        # Outside inference mode: the buffers outlive this call, and a later call outside inference_mode must be
+        # able to copy into them (inference tensors refuse in-place updates there). No autograd either way.
+        with torch.inference_mode(False), torch.no_grad():
+            static_in, owned = [], []
+            for t in tensors:
+                buffer = self._producer_output(t)
+                if buffer is None and t is not None:
+                    buffer = _static_like(t)
+                    buffer.copy_(t)
+                    owned.append(buffer)
+                static_in.append(buffer)
+            replay, static_out = self.backend.capture(fn, static_in, self._capture_pool)
+        graph = _Graph(replay, static_in, list(static_out), self._capture_pool, self._captured)
+        self._captured += 1
         self._graphs[full_key] = graph
         for out in graph.static_out:
             if out is not None:
@@ -224,8 +395,30 @@ class BlockGraphs:
     def flat_shared(self, shared: Dict[str, Any]):
         """flatten_shared(shared), computed once per shared dict: every block and lane of a step share one."""
         if self._flat is None or self._flat[0] is not shared:
-            self._flat = (shared, flatten_shared(shared))
+            self._flat = (shared, self._into_shared_buffers(flatten_shared(shared)))
         return self._flat[1]
+
+    def _into_shared_buffers(self, flat):
+        """Copy the shared tensors (the same for every block and lane of a step) once into one static buffer per
+        (position, shape): every graph reads that buffer in place, so a replay copies none of them. Flux's rotary
+        (cos, sin) at 1024² is ~4.7 MB: a buffer per graph would copy it at every block call."""
+        if flat is None:
+            return None
+        tensors, rebuild, static = flat
+        buffers = []
+        for i, t in enumerate(tensors):
+            key = (i, tuple(t.shape), t.dtype, t.device)
+            buffer = self._shared.get(key)
+            if buffer is None:
+                with torch.inference_mode(False), torch.no_grad():  # outlives this call: see _capture
+                    buffer = _static_like(t)
+                self._shared[key] = buffer
+                self._shared_ptrs[buffer.data_ptr()] = buffer
+                self.stats.static_bytes += _nbytes([buffer])
+            if buffer.data_ptr() != t.data_ptr():
+                buffer.copy_(t)
+            buffers.append(buffer)
+        return buffers, rebuild, static
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -262,6 +455,27 @@ def warmup_subnets(num_blocks: int, config) -> Tuple[Tuple[int, ...], ...]:
         return ()
     p = min(b for b in range(num_blocks) if b not in config.protected_blocks)
     return ((p,),) * config.num_masks
+
+
+def warmup_predictions(num_blocks: int, config) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
+    """The sub-networks of each warm-up prediction: together they make every (block, lane, rows) call any later
+    mask can make, so sampling replays graphs and never captures.
+
+    A sub-network lane forks at its first dropped block (reuse_prefix) or at block 0, and the first droppable block
+    p is the earliest any mask forks. fork_mode "separate": one prediction whose sub-networks fork as early as any
+    can and skip as little as any can — drop only p (reuse_prefix), or nothing (forking at 0). fork_mode "join": the
+    sub-network rows ride in the [uncond, cond] lane, whose row count at a block is 2 + the sub-networks that run
+    it, anything from 2 to 2 + num_masks: prediction c has c sub-networks that drop every droppable block and the
+    others drop as little as possible, so c = 0 … num_masks cover every row count at every block."""
+    subnets = warmup_subnets(num_blocks, config)
+    if not subnets:
+        return ((),)
+    droppable = tuple(b for b in range(num_blocks) if b not in config.protected_blocks)
+    light = subnets[0] if config.reuse_prefix else ()
+    if not (config.batch_branches and config.fork_mode == "join"):
+        return ((light,) * config.num_masks,)
+    n = config.num_masks
+    return tuple((light,) * (n - c) + (droppable,) * c for c in range(n + 1))
 
 
 def _freeze(value) -> Optional[Hashable]:

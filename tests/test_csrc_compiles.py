@@ -1,7 +1,7 @@
 """The CUDA C++ twin in csrc/ compiles where its compilers are, even on a machine without a GPU.
 
 Nothing built here can run without a GPU (test_flow_step_gpu.py runs it against the reference when one is there);
-this catches a kernel or binding that would not build at `S2FAST_BUILD_CUDA=1 pip install -e .`.
+this catches a kernel or binding that would not build at `S2FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .`.
 """
 
 import json
