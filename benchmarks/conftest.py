@@ -17,7 +17,8 @@ import torch
 from s2fast.timing import InterleavedRounds
 
 RESULTS = {}  # group -> {"baseline": case, "cases": {case: {...}}}
-_MORE = ("speedup", "GB/s", "of_copy", "copy_GB/s", "peak_MiB", "floor")  # extra per-case numbers the summary prints
+# extra per-case numbers the summary prints
+_MORE = ("speedup", "GB/s", "of_copy", "copy_GB/s", "peak_MiB", "floor", "call_floor", "joined")
 
 
 def environment():
