@@ -12,7 +12,7 @@ Mask = Tuple[int, ...]
 # One step: () for "S² off", a Mask (num_masks == 1), or a tuple of num_masks Masks (naive S², Eq. 3).
 StepMasks = Union[Mask, Tuple[Mask, ...]]
 
-FORK_MODES = ("join", "separate")
+FORK_MODES = ("auto", "join", "separate")
 FUSED_STEP = ("auto", True, False)
 STEP_MODES = ("fp32", "exact")
 CUDA_GRAPHS = ("auto", True, False)
@@ -60,12 +60,16 @@ class S2Config:
         reuse_prefix: the sub-network starts from the cond rows' cached state at its first dropped block instead of
             recomputing the blocks before it (default). Exact: a block's output does not depend on the rows
             beside it, up to batch-size rounding.
-        fork_mode: how the sub-network rows run after the fork, when ``batch_branches`` is on: ``"separate"``
-            (default) gives them their own batch-B call per block, which keeps the uncond/cond rows bit-identical to
-            the stock batched forward; ``"join"`` appends them to the uncond/cond batch (one call per block at
-            batch 3B). On a 2-core CPU one SD3 block at batch 3 cost as much as batch 2 plus batch 1 (23.1 vs
-            22.8 ms) and "separate" was as fast or faster per step (BENCHMARKS.md); GPUs, where fewer, larger
-            calls may win, are still to be measured.
+        fork_mode: how the sub-network rows run after the fork, when ``batch_branches`` is on: ``"join"`` appends
+            them to the uncond/cond batch (one call per block at batch 3B); ``"separate"`` gives them their own
+            batch-B call per block, which keeps the uncond/cond rows bit-identical to the stock batched forward and
+            the activation peak at stock's. Joining wins where a step costs per block *call* (small latents, fast
+            GPUs: on CPU, S² cost 1.04–1.16 × CFG joined against 1.5–2.2 × separate at 4×4 latents) and only
+            costs memory where it costs per row. ``"auto"`` (default) times one prediction in each mode at the
+            first step of each input shape (before any graph capture) and joins only when that is at least 5 %
+            faster and the extra working set stays under 10 % of the weights; the choice is logged and kept for
+            the model (s2fast/fork_choice.py). Results of the two modes differ by batch-size rounding (~1e-6
+            relative in fp32): force a mode where runs in different processes must agree bit for bit.
         fused_step: compute the guidance combination and the FlowMatchEulerDiscreteScheduler update in one kernel
             (s2fast.kernels.guided_flow_step) instead of ten elementwise torch ops; the scheduler's ``step``
             then returns that result and keeps its own state (step index) as the stock step does. ``"auto"``
@@ -81,7 +85,7 @@ class S2Config:
         cuda_graphs: run every transformer block through a captured CUDA graph (s2fast/graphs.py): one graph per
             (block, lane, shapes), so every mask pattern replays the same graphs and none is recaptured after the
             first step of a new input shape (which runs a warm-up that captures them all: one discarded
-            prediction, num_masks + 1 with fork_mode "join"). A capture that fails (a block that synchronises
+            prediction, num_masks + 1 when the sub-network rows join). A capture that fails (a block that synchronises
             with the host) leaves that wrap running its blocks eagerly, logged once.
             ``"auto"`` (default) uses them when the transformer is on a CUDA device; ``True`` requires one
             (ValueError otherwise); ``False`` runs blocks eagerly. ``s2fast.graph_stats(pipe)`` reports the graphs,
@@ -111,7 +115,7 @@ class S2Config:
     masks: Optional[Tuple[StepMasks, ...]] = None
     batch_branches: bool = True
     reuse_prefix: bool = True
-    fork_mode: str = "separate"
+    fork_mode: str = "auto"
     fused_step: Union[str, bool] = "auto"
     step_mode: str = "fp32"
     cuda_graphs: Union[str, bool] = "auto"

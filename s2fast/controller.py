@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import binding
+from . import binding, fork_choice
 from . import masks as mask_sampling
 from .adapters import check_model
 from .adapters.base import FamilyAdapter, PipelineLocals, StepRequest
@@ -99,6 +99,7 @@ class Controller:
         self.predictor = predictor
         # graph_backend overrides the graph choice (tests pass graphs.EagerBackend() to run the bookkeeping on a CPU)
         self._graph_backend = graph_backend
+        self.fork_timer = None  # fork_mode "auto"'s clock (s2fast/fork_choice.py); tests set a fake one
         self.active = False
         self._owner: Optional[weakref.ref] = None
         self._models: "weakref.WeakKeyDictionary[torch.nn.Module, _Denoiser]" = weakref.WeakKeyDictionary()
@@ -146,6 +147,7 @@ class Controller:
             binding.remove(model)
             if release_graphs_too:
                 release_graphs(model)
+                fork_choice.forget(model)
 
     def detach(self, release_graphs_too: bool = True) -> None:
         """Stop serving: models nobody else serves get their own forward back. The block graphs are kept for a
@@ -204,9 +206,32 @@ class Controller:
         return self.clone()
 
     # --- graphs and attention ---------------------------------------------------------------------------------
-    def options(self, state: _Denoiser) -> EngineOptions:
+    def options(self, state: _Denoiser, fork_mode: str) -> EngineOptions:
         c = self.config
-        return EngineOptions(c.batch_branches, c.reuse_prefix, c.fork_mode, state.graphs)
+        return EngineOptions(c.batch_branches, c.reuse_prefix, fork_mode, state.graphs)
+
+    def _fork_mode(self, model, state: _Denoiser, run: _Run, rows) -> str:
+        """The fork mode of this call: the config's, or "auto"'s choice for these inputs (s2fast/fork_choice.py:
+        measured once per model and input shape, eagerly and before any graph capture; looked up once per call)."""
+        c = self.config
+        if c.fork_mode != "auto":
+            return c.fork_mode
+        memo = ("fork_mode", id(model))
+        mode = run.memo.get(memo)
+        if mode is None:
+            subnets = warmup_subnets(state.num_blocks, c)  # fork at the first droppable block: the modes differ most
+            if not c.batch_branches or not subnets or self.predictor is not predict:
+                mode = "separate"  # no step of this call forks, nothing to join, or a predictor without modes
+            else:
+                def trial(m):
+                    return self.predictor(self.adapter, model, rows, subnets,
+                                          EngineOptions(c.batch_branches, c.reuse_prefix, m, None))
+                flow = self.adapter.embed(model, rows.branch(rows.cond_branch)).flow
+                row_bytes = sum(t.numel() * t.element_size() for t in flow if t is not None) // rows.rows_per_branch
+                mode = fork_choice.fork_mode_for(model, self._input_key(rows), trial, row_bytes, rows.rows_per_branch,
+                                                 len(subnets), self.fork_timer)
+            run.memo[memo] = mode
+        return mode
 
     def _decide_graphs(self, model, state: _Denoiser) -> None:
         if state.graphs is not None and binding.model_offloaded(model):
@@ -244,21 +269,21 @@ class Controller:
         c = self.config
         if c.attention != "fastest":  # every step goes through here: nothing to build for a fixed choice
             return None if c.attention == "default" else c.attention
-        eager = EngineOptions(c.batch_branches, c.reuse_prefix, c.fork_mode, None)
+        eager = EngineOptions(c.batch_branches, c.reuse_prefix, "separate", None)
         run = lambda: self.predictor(self.adapter, model, rows, warmup_subnets(state.num_blocks, c), eager)  # noqa: E731
         return state.attention.backend_for(key, run, model.device)
 
-    def _warm_up(self, model, state: _Denoiser, rows, key: Tuple) -> None:
-        """Before the first step of a new input shape (or LoRA scale, autocast state, config): discarded
-        predictions whose sub-networks fork as early as any mask can (graphs.warmup_predictions), so every
-        (block, lane) graph a later mask needs is captured now, not mid-sampling."""
-        predictions = warmup_predictions(state.num_blocks, self.config)
-        done = (key, predictions, state.graphs.variant, graph_context(self.adapter, rows))
+    def _warm_up(self, model, state: _Denoiser, rows, key: Tuple, fork_mode: str) -> None:
+        """Before the first step of a new input shape (or LoRA scale, autocast state, config, fork mode):
+        discarded predictions whose sub-networks fork as early as any mask can (graphs.warmup_predictions), so
+        every (block, lane) graph a later mask needs is captured now, not mid-sampling."""
+        predictions = warmup_predictions(state.num_blocks, self.config, fork_mode)
+        done = (key, predictions, state.graphs.variant, graph_context(self.adapter, rows), fork_mode)
         if done in state.graphs.warmed or state.graphs.failure is not None:  # done already, or graphs failed
             return
         state.graphs.warmed.add(done)
         for subnets in predictions:
-            self.predictor(self.adapter, model, rows, subnets, self.options(state))
+            self.predictor(self.adapter, model, rows, subnets, self.options(state, fork_mode))
 
     # --- the forward that the pipeline calls ------------------------------------------------------------------
     def forward(self, pipe, model, frame_locals: Dict[str, Any], args: tuple, kwargs: Dict[str, Any]):
@@ -300,13 +325,14 @@ class Controller:
         key = self._input_key(request.rows) if graphs is not None or self.config.attention == "fastest" else None
         backend = self._attention_for(model, state, request.rows, key)
         with attention_backend(backend):
+            fork_mode = self._fork_mode(model, state, run, request.rows)
             if graphs is not None:
                 if ("graphs_checked", id(model)) not in run.memo:  # once per call: weights replaced since? recapture
                     run.memo[("graphs_checked", id(model))] = True
                     graphs.check_model(model)
                 graphs.variant = (backend, self.config.compile_blocks)
-                self._warm_up(model, state, request.rows, key)
-            preds = self.predictor(self.adapter, model, request.rows, subnets, self.options(state))
+                self._warm_up(model, state, request.rows, key, fork_mode)
+            preds = self.predictor(self.adapter, model, request.rows, subnets, self.options(state, fork_mode))
         part = request.guided_part or (lambda p: p)
         branches = request.rows.count
         uncond = part(preds[request.uncond_branch]) if branches == 2 else None

@@ -41,6 +41,7 @@ class _Group:
 class _Lane:
     state: LaneState
     groups: List[_Group] = field(default_factory=list)
+    drops: frozenset = frozenset()  # the blocks some group of the lane drops (none: every block runs on every row)
 
 
 def predict(
@@ -107,15 +108,19 @@ def _fork(lanes: List[_Lane], cond_output: int, b: int, group: _Group, joined: b
         state.flow = [None if t is None else torch.cat([t, take(t)]) for t in state.flow]
         state.row_consts = [torch.cat([t, take(t)]) for t in state.row_consts]
         lane.groups.append(group)
+        lane.drops = lane.drops | group.drops
     else:
         flow = [None if t is None else take(t) for t in state.flow]
-        lanes.append(_Lane(LaneState(flow, [take(t) for t in state.row_consts], state.shared), [group]))
+        lanes.append(_Lane(LaneState(flow, [take(t) for t in state.row_consts], state.shared), [group], group.drops))
 
 
 def _run_block(adapter, block, j: int, lane: _Lane, b: int, graphs: Optional[BlockGraphs] = None,
                lane_id: int = 0) -> None:
-    active = [i for i, g in enumerate(lane.groups) if j not in g.drops]
     state = lane.state
+    if not lane.drops:  # no group of this lane drops any block (the [uncond, cond] lane): one call, no bookkeeping
+        state.flow = _call_block(adapter, block, j, lane_id, state.flow, state.row_consts, state.shared, graphs)
+        return
+    active = [i for i, g in enumerate(lane.groups) if j not in g.drops]
     call = lambda flow, consts: _call_block(adapter, block, j, lane_id, flow, consts, state.shared, graphs)  # noqa: E731
     if len(active) == len(lane.groups):
         state.flow = call(state.flow, state.row_consts)

@@ -457,7 +457,7 @@ def warmup_subnets(num_blocks: int, config) -> Tuple[Tuple[int, ...], ...]:
     return ((p,),) * config.num_masks
 
 
-def warmup_predictions(num_blocks: int, config) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
+def warmup_predictions(num_blocks: int, config, fork_mode: Optional[str] = None) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
     """The sub-networks of each warm-up prediction: together they make every (block, lane, rows) call any later
     mask can make, so sampling replays graphs and never captures.
 
@@ -466,13 +466,14 @@ def warmup_predictions(num_blocks: int, config) -> Tuple[Tuple[Tuple[int, ...], 
     can and skip as little as any can — drop only p (reuse_prefix), or nothing (forking at 0). fork_mode "join": the
     sub-network rows ride in the [uncond, cond] lane, whose row count at a block is 2 + the sub-networks that run
     it, anything from 2 to 2 + num_masks: prediction c has c sub-networks that drop every droppable block and the
-    others drop as little as possible, so c = 0 … num_masks cover every row count at every block."""
+    others drop as little as possible, so c = 0 … num_masks cover every row count at every block. ``fork_mode``:
+    the mode the engine runs (what "auto" chose); the config's when None."""
     subnets = warmup_subnets(num_blocks, config)
     if not subnets:
         return ((),)
     droppable = tuple(b for b in range(num_blocks) if b not in config.protected_blocks)
     light = subnets[0] if config.reuse_prefix else ()
-    if not (config.batch_branches and config.fork_mode == "join"):
+    if not (config.batch_branches and (fork_mode or config.fork_mode) == "join"):
         return ((light,) * config.num_masks,)
     n = config.num_masks
     return tuple((light,) * (n - c) + (droppable,) * c for c in range(n + 1))

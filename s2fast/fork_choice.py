@@ -1,0 +1,116 @@
+"""S2Config(fork_mode="auto"): after the fork, do the sub-network rows join the [uncond, cond] batch or run apart?
+
+The two modes compute the same block-rows, so the block-row cost model cannot tell them apart. What differs:
+
+- Calls. "join" makes one block call per block for all rows (batch 3B); "separate" makes one more call for every
+  block the sub-network runs (batch B). When a block call is cheap (small latents, fast devices, graph replay), a
+  step costs per *call*, and joining saves up to a third of it (on CPU, 24 blocks, 4×4 latents: S² at
+  1.04–1.16 × CFG joined against 1.5–2.2 × separate). When a call is dear, joining saves nothing and costs a
+  little: the fork copies the cond rows into a 3B batch, and a block the sub-network drops runs on a slice and is
+  copied back (on CPU, 24 × 256, 32×32 latents: join 1.5–3 % slower than separate).
+- Memory. "join" holds the working set of 3B rows inside one block call, where "separate" never holds more than
+  stock CFG's 2B: on CPU, joining raised the activation peak by about 30 % against 7 % (12 blocks, 64×64 latents).
+
+So "auto" decides per model and input shape, at the first step that can run a sub-network:
+1. memory, from sizes: joining may hold at most ``MEMORY_SHARE`` of the transformer's weights more
+   (``join_extra_bytes``: ``WORKING_SET`` times the hidden states of the sub-network rows). Stock CFG's peak holds
+   at least the weights, so a join then stays within stock + 10 %. Over it: "separate", not timed.
+2. time, measured: one prediction in each mode, interleaved, best of ``ROUNDS`` after a warm-up, eagerly and
+   before any block graph is captured; "join" when it is at least ``JOIN_MARGIN`` faster, else "separate"
+   (which keeps SD3's [uncond, cond] rows bit-identical to the stock batched forward).
+The choice is logged once with its numbers and kept for the model until s2fast.unwrap, so a process samples
+reproducibly. Another process may choose differently where the two modes time within the margin of each other,
+and their results differ by batch-size rounding (~1e-6 relative in fp32): force ``fork_mode`` where runs in
+different processes must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger("s2fast")
+
+MEMORY_SHARE = 0.10  # the extra working set a join may hold, as a share of the weights
+JOIN_MARGIN = 0.05   # "join" must be this much faster: within it, noise would pick a mode at random
+ROUNDS = 2           # timed predictions per mode after one warm-up each; the best of them (the least disturbed)
+# A block's live working set, in multiples of its input hidden states: attention's q, k, v and output (4×) and the
+# MLP's hidden layer before and after its activation (2 × 4×), at MLP ratio 4 as SD3, Flux, DiT and Wan blocks use.
+WORKING_SET = 12
+
+Timer = Callable[[Callable[[], object], torch.device], float]
+
+# model -> {input key: mode}: re-wraps of the model reuse a choice (and the graphs captured for it)
+_CHOSEN: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[Tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def join_extra_bytes(row_bytes: int, rows_per_branch: int, num_masks: int) -> int:
+    """Working set "join" holds beyond "separate": the sub-network rows inside each joined block call."""
+    return WORKING_SET * row_bytes * rows_per_branch * num_masks
+
+
+def join_fits(row_bytes: int, rows_per_branch: int, num_masks: int, weight_bytes: int) -> bool:
+    return join_extra_bytes(row_bytes, rows_per_branch, num_masks) <= MEMORY_SHARE * weight_bytes
+
+
+def wall_time(fn: Callable[[], object], device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def time_modes(run: Callable[[str], object], device: torch.device, timer: Timer = wall_time,
+               rounds: int = ROUNDS) -> Dict[str, float]:
+    """Best seconds of ``run(mode)`` per mode; the order alternates from round to round."""
+    best = {"join": float("inf"), "separate": float("inf")}
+    for mode in best:  # warm-up: first-call allocations stay out
+        run(mode)
+    for r in range(rounds):
+        for mode in (("join", "separate") if r % 2 == 0 else ("separate", "join")):
+            best[mode] = min(best[mode], timer(lambda m=mode: run(m), device))
+    return best
+
+
+def faster(times: Dict[str, float]) -> str:
+    return "join" if times["join"] <= (1.0 - JOIN_MARGIN) * times["separate"] else "separate"
+
+
+def fork_mode_for(model, key: Tuple, run: Callable[[str], object], row_bytes: int, rows_per_branch: int,
+                  num_masks: int, timer: Optional[Timer] = None) -> str:
+    """The mode "auto" runs ``model`` with at inputs ``key`` (``run(mode)``: one prediction in that mode)."""
+    chosen = _CHOSEN.setdefault(model, {})
+    if key in chosen:
+        return chosen[key]
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    extra = join_extra_bytes(row_bytes, rows_per_branch, num_masks)
+    if not join_fits(row_bytes, rows_per_branch, num_masks, weight_bytes):
+        mode = "separate"
+        why = (f"joining would hold ~{extra / 2**20:.1f} MiB more per block call, over {MEMORY_SHARE:.0%} of the "
+               f"{weight_bytes / 2**20:.1f} MiB of weights; not timed")
+    else:
+        device = next(model.parameters()).device
+        times = time_modes(run, device, timer or wall_time)
+        mode = faster(times)
+        why = (f"one prediction: join {times['join'] * 1e3:.3g} ms, separate {times['separate'] * 1e3:.3g} ms; "
+               f"join is chosen when {JOIN_MARGIN:.0%} faster")
+    chosen[key] = mode
+    logger.info("s2fast: fork_mode='auto' chose %r for %s at %s (%s)", mode, type(model).__name__,
+                _describe(key), why)
+    return mode
+
+
+def forget(model) -> None:
+    """Drop the choices made for ``model`` (s2fast.unwrap: the model may change before a later wrap)."""
+    _CHOSEN.pop(model, None)
+
+
+def _describe(key: Tuple) -> str:
+    count, tensors = key
+    return f"{count} branches, " + ", ".join(f"{name} {tuple(shape)}" for name, shape, _ in tensors)
