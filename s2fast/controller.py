@@ -147,7 +147,6 @@ class Controller:
             binding.remove(model)
             if release_graphs_too:
                 release_graphs(model)
-                fork_choice.forget(model)
 
     def detach(self, release_graphs_too: bool = True) -> None:
         """Stop serving: models nobody else serves get their own forward back. The block graphs are kept for a
@@ -226,8 +225,10 @@ class Controller:
                 def trial(m):
                     return self.predictor(self.adapter, model, rows, subnets,
                                           EngineOptions(c.batch_branches, c.reuse_prefix, m, None))
+                # counted at the weights' element size, so that the choice does not depend on autocast
                 flow = self.adapter.embed(model, rows.branch(rows.cond_branch)).flow
-                row_bytes = sum(t.numel() * t.element_size() for t in flow if t is not None) // rows.rows_per_branch
+                size = next(model.parameters()).element_size()
+                row_bytes = sum(t.numel() for t in flow if t is not None) * size // rows.rows_per_branch
                 mode = fork_choice.fork_mode_for(model, self._input_key(rows), trial, row_bytes, rows.rows_per_branch,
                                                  len(subnets), self.fork_timer)
             run.memo[memo] = mode

@@ -18,10 +18,10 @@ So "auto" decides per model and input shape, at the first step that can run a su
 2. time, measured: one prediction in each mode, interleaved, best of ``ROUNDS`` after a warm-up, eagerly and
    before any block graph is captured; "join" when it is at least ``JOIN_MARGIN`` faster, else "separate"
    (which keeps SD3's [uncond, cond] rows bit-identical to the stock batched forward).
-The choice is logged once with its numbers and kept for the model until s2fast.unwrap, so a process samples
-reproducibly. Another process may choose differently where the two modes time within the margin of each other,
-and their results differ by batch-size rounding (~1e-6 relative in fp32): force ``fork_mode`` where runs in
-different processes must agree bit for bit.
+The choice is logged once with its numbers and kept for as long as the model exists (across wraps and
+unwraps), so a process samples reproducibly. Another process may choose differently where the two modes time
+within the margin of each other, and their results differ by batch-size rounding (~1e-6 relative in fp32):
+force ``fork_mode`` where runs in different processes must agree bit for bit.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ WORKING_SET = 12
 
 Timer = Callable[[Callable[[], object], torch.device], float]
 
-# model -> {input key: mode}: re-wraps of the model reuse a choice (and the graphs captured for it)
+# model -> {input key: mode}, for the model's lifetime: every wrap of it samples with the same choice
 _CHOSEN: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[Tuple, str]]" = weakref.WeakKeyDictionary()
 
 
@@ -104,11 +104,6 @@ def fork_mode_for(model, key: Tuple, run: Callable[[str], object], row_bytes: in
     logger.info("s2fast: fork_mode='auto' chose %r for %s at %s (%s)", mode, type(model).__name__,
                 _describe(key), why)
     return mode
-
-
-def forget(model) -> None:
-    """Drop the choices made for ``model`` (s2fast.unwrap: the model may change before a later wrap)."""
-    _CHOSEN.pop(model, None)
 
 
 def _describe(key: Tuple) -> str:
