@@ -65,8 +65,8 @@ def _naive(model, adapter, rows, subnets):
     return guided_prediction(c, u, subs, LAMBDA, OMEGA)
 
 
-def _s2fast(model, adapter, rows, subnets, options=EngineOptions()):
-    preds = predict(adapter, model, rows, subnets, options)
+def _s2fast(model, adapter, rows, subnets, options=None):
+    preds = predict(adapter, model, rows, subnets, options or EngineOptions())
     return guided_prediction(preds[1], preds[0], preds[2:], LAMBDA, OMEGA)
 
 

@@ -13,7 +13,8 @@ Importing s2fast is cheap: torch and diffusers are imported when wrap is first u
 from .config import S2Config
 
 __version__ = "0.1.0"
-__all__ = ["S2Config", "wrap", "unwrap", "trace", "trace_denoisers", "config_of", "graph_stats", "register_adapter", "__version__"]
+__all__ = ["S2Config", "wrap", "unwrap", "trace", "trace_denoisers", "config_of", "graph_stats", "register_adapter",
+           "__version__"]
 
 
 def __getattr__(name):

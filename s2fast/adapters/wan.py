@@ -23,7 +23,7 @@ from typing import Any, Dict
 
 import torch
 
-from .base import BranchRows, FamilyAdapter, LaneState, StepRequest, model_output, split_lora_scale
+from .base import BranchRows, FamilyAdapter, LaneState, StepRequest, model_output
 
 
 class WanAdapter(FamilyAdapter):
