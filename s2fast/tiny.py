@@ -222,13 +222,15 @@ def wan_scheduler(kind: str = "unipc", flow_shift: float = 3.0):
 
 def wan_pipeline(shape: WanShape = WanShape(), *, seed: int = 0, dtype=torch.float32, with_vae: bool = True,
                  image_to_video: bool = False, experts: int = 1, boundary_ratio: Optional[float] = None,
-                 expand_timesteps: bool = False, scheduler: str = "unipc", expert_2_layers: Optional[int] = None):
+                 expand_timesteps: bool = False, scheduler: str = "unipc", expert_2_layers: Optional[int] = None,
+                 video_to_video: bool = False):
     """A WanPipeline (or WanImageToVideoPipeline) with random WanTransformer3DModel(s) of ``shape``.
 
     ``experts=2`` adds ``transformer_2`` (``expert_2_layers`` blocks, default the same) with ``boundary_ratio``
     (Wan 2.2 A14B); ``expand_timesteps`` is Wan 2.2 TI2V's one timestep per token. Image-to-video needs the VAE
-    (the pipeline encodes the image); with ``shape.image_dim`` set (Wan 2.1) it has a tiny CLIP image encoder too."""
-    from diffusers import WanImageToVideoPipeline, WanPipeline
+    (the pipeline encodes the image); with ``shape.image_dim`` set (Wan 2.1) it has a tiny CLIP image encoder too.
+    ``video_to_video``: a WanVideoToVideoPipeline (one transformer)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline, WanVideoToVideoPipeline
 
     if experts not in (1, 2):
         raise ValueError(f"wan_pipeline: experts must be 1 or 2, got {experts}")
@@ -242,7 +244,10 @@ def wan_pipeline(shape: WanShape = WanShape(), *, seed: int = 0, dtype=torch.flo
     parts = dict(tokenizer=None, text_encoder=None, vae=wan_vae() if with_vae or image_to_video else None,
                  scheduler=wan_scheduler(scheduler), transformer=transformer, transformer_2=transformer_2,
                  boundary_ratio=boundary_ratio, expand_timesteps=expand_timesteps)
-    if image_to_video:
+    if video_to_video:
+        parts = {k: parts[k] for k in ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")}
+        pipe = WanVideoToVideoPipeline(**parts)
+    elif image_to_video:
         encoder, processor = _clip_image_encoder(shape.image_dim) if shape.image_dim is not None else (None, None)
         pipe = WanImageToVideoPipeline(image_processor=processor, image_encoder=encoder, **parts)
     else:

@@ -138,7 +138,7 @@ def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_
 
 @torch.no_grad()
 def wan_three_pass(pipe, emb, masks, *, steps, lam, omega, lam_2=None, seed=0, height, width, num_frames,
-                   image=None, num_masks=1, cfg=True):
+                   image=None, num_masks=1, cfg=True, latents=None, strength=None):
     """WanPipeline's / WanImageToVideoPipeline's loop with separate batch-B forwards (cond, uncond, cond with the
     masked blocks of the expert that runs skipped; a Wan block returns its hidden states), the expert and λ chosen
     by the boundary as the pipeline does, Eq. 4, and a fresh scheduler. ``image``: image-to-video (the condition
@@ -147,8 +147,10 @@ def wan_three_pass(pipe, emb, masks, *, steps, lam, omega, lam_2=None, seed=0, h
     dtype = emb["prompt_embeds"].dtype
     generator = torch.Generator().manual_seed(seed)
     b = emb["prompt_embeds"].shape[0]
-    expand = pipe.config.expand_timesteps
-    if image is None:
+    expand = pipe.config.get("expand_timesteps", False)
+    if latents is not None:  # video-to-video with given noisy latents
+        condition = first_frame_mask = None
+    elif image is None:
         latents = pipe.prepare_latents(b, model.config.out_channels, height, width, num_frames, torch.float32, "cpu",
                                        generator)
         condition = first_frame_mask = None
@@ -165,7 +167,10 @@ def wan_three_pass(pipe, emb, masks, *, steps, lam, omega, lam_2=None, seed=0, h
         image_embeds = pipe.encode_image(image, "cpu").repeat(b, 1, 1).to(dtype)
     sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps)
-    ratio = pipe.config.boundary_ratio
+    timesteps = sched.timesteps
+    if strength is not None:  # video-to-video: the last int(steps · strength) steps
+        timesteps = timesteps[steps - min(int(steps * strength), steps):]
+    ratio = pipe.config.get("boundary_ratio")
     boundary = None if ratio is None else ratio * sched.config.num_train_timesteps
     lam_2 = lam if lam_2 is None else lam_2
 
@@ -180,7 +185,7 @@ def wan_three_pass(pipe, emb, masks, *, steps, lam, omega, lam_2=None, seed=0, h
             for i in skip:
                 del blocks[i].forward
 
-    for i, t in enumerate(sched.timesteps):
+    for i, t in enumerate(timesteps):
         expert, scale = (pipe.transformer, lam) if boundary is None or t >= boundary else (pipe.transformer_2, lam_2)
         if image is not None and not expand:
             x = torch.cat([latents, condition], dim=1).to(dtype)

@@ -233,9 +233,43 @@ def test_a_cache_on_wan_is_refused_by_name(wan21):
 
 
 def test_the_other_wan_pipelines_are_refused_by_name():
-    from diffusers import WanVideoToVideoPipeline
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
 
-    pipe = WanVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=tiny.wan_scheduler(),
-                                   transformer=tiny.wan_transformer(SHAPE))
-    with pytest.raises(ValueError, match="does not support WanVideoToVideoPipeline; supported pipelines: .*WanPipeline"):
+    transformer = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                            text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2, vace_layers=[0])
+    pipe = WanVACEPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=tiny.wan_scheduler(),
+                           transformer=transformer)
+    with pytest.raises(ValueError, match="does not support WanVACEPipeline; supported pipelines: .*WanPipeline"):
         s2fast.wrap(pipe)
+
+
+def _video_to_video():
+    pipe = tiny.wan_pipeline(SHAPE, video_to_video=True, scheduler="euler", seed=9)
+    emb = tiny.wan_embeddings(SHAPE)
+    size = tiny.wan_video_size(pipe, SHAPE)
+    noisy = torch.randn(1, 16, SHAPE.latent_frames, SHAPE.latent_size, SHAPE.latent_size,
+                        generator=torch.Generator().manual_seed(0))
+    kw = dict(emb, height=size["height"], width=size["width"], num_inference_steps=8, strength=0.5,
+              guidance_scale=4.0, output_type="latent")
+    return pipe, emb, size, noisy, kw
+
+
+def test_video_to_video_matches_a_plain_three_pass_loop():
+    pipe, emb, size, noisy, kw = _video_to_video()
+    masks = ((1,), (), (2, 3), (2,))  # strength 0.5 of 8 steps: the loop runs 4
+    expected = wan_three_pass(pipe, emb, masks, steps=8, strength=0.5, lam=4.0, omega=0.5, latents=noisy.clone(),
+                              **size)
+    stock = pipe(**kw, latents=noisy.clone()).frames
+    s2fast.wrap(pipe, S2Config(omega=0.0))
+    torch.testing.assert_close(pipe(**kw, latents=noisy.clone()).frames, stock, **TOL)
+    s2fast.wrap(pipe, S2Config(omega=0.5, masks=masks))
+    got = pipe(**kw, latents=noisy.clone()).frames
+    torch.testing.assert_close(got, expected, **TOL)
+    assert s2fast.trace(pipe) == masks and (got - stock).abs().max() > 1e-2
+    # from a video (the pipeline encodes and noises it): runs, and ω = 0 is stock
+    video = [_image(size["height"]) for _ in range(size["num_frames"])]
+    s2fast.unwrap(pipe)
+    stock = pipe(**kw, video=video, generator=torch.Generator().manual_seed(0)).frames
+    s2fast.wrap(pipe, S2Config(omega=0.0))
+    torch.testing.assert_close(pipe(**kw, video=video, generator=torch.Generator().manual_seed(0)).frames, stock, **TOL)
+    s2fast.unwrap(pipe)

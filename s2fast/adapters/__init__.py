@@ -14,6 +14,7 @@ _FAMILIES = {
     "DiTPipeline": ("s2fast.adapters.dit", "DiTAdapter"),
     "WanPipeline": ("s2fast.adapters.wan", "WanAdapter"),
     "WanImageToVideoPipeline": ("s2fast.adapters.wan", "WanAdapter"),
+    "WanVideoToVideoPipeline": ("s2fast.adapters.wan", "WanVideoToVideoAdapter"),
 }
 _REGISTERED: Dict[type, type] = {}  # pipeline class -> adapter class, from register_adapter
 

@@ -8,13 +8,14 @@ TI2V-5B (``expand_timesteps``) passes one timestep per token: ``timestep`` is (B
 carries a token dimension, which the same code serves. Every method mirrors ``WanTransformer3DModel.forward`` op
 for op.
 
-Pipeline: with CFG the loop makes two calls per step, cond then uncond, each under ``cache_context``, and mixes
-them as ``uncond + λ(cond − uncond)``. The cond call computes uncond, cond and the sub-networks in one batched call
-(the negative embeddings are already encoded: the pipeline's locals hold them) and returns D; the uncond call is
-served the same D, so the pipeline's line yields D exactly. Wan 2.2 A14B switches experts by step
-(``transformer`` while t ≥ boundary_ratio · 1000 with ``guidance_scale``, ``transformer_2`` below it with
-``guidance_scale_2``): λ is the loop's own ``current_guidance_scale``, and the controller draws the step's mask
-for the block count of the expert that runs. Without CFG (λ ≤ 1) D = C − ω(S − C).
+Pipeline (WanPipeline, WanImageToVideoPipeline, WanVideoToVideoPipeline): with CFG the loop makes two calls per
+step, cond then uncond (each under ``cache_context``), and mixes them as ``uncond + λ(cond − uncond)``. The cond
+call computes uncond, cond and the sub-networks in one batched call (the negative embeddings are already encoded:
+the pipeline's locals hold them) and returns D; the uncond call is served the same D, so the pipeline's line
+yields D exactly. Wan 2.2 A14B switches experts by step (``transformer`` while t ≥ boundary_ratio · 1000 with
+``guidance_scale``, ``transformer_2`` below it with ``guidance_scale_2``): λ is the loop's own
+``current_guidance_scale``, and the controller draws the step's mask for the block count of the expert that runs.
+Without CFG (λ ≤ 1) D = C − ω(S − C).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class WanAdapter(FamilyAdapter):
     batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
     attention_kwargs_key = "attention_kwargs"
     pipeline_locals = ("i", "t", "timesteps", "latents", "negative_prompt_embeds", "current_guidance_scale")
+    guidance_local = "current_guidance_scale"  # the loop's λ for this step (the expert's own scale)
 
     # --- model ------------------------------------------------------------------------------------------------
     def blocks(self, model):
@@ -97,4 +99,13 @@ class WanAdapter(FamilyAdapter):
         uncond = dict(cond, encoder_hidden_states=call_locals["negative_prompt_embeds"])
         rows = BranchRows(self.batched_inputs, 2, branches=[uncond, cond])
         # the uncond call that follows in this step is served the same D (the pipeline's line then yields D)
-        return StepRequest(rows, float(call_locals["current_guidance_scale"]), respond, follow_ups=1)
+        return StepRequest(rows, float(call_locals[self.guidance_local]), respond, follow_ups=1)
+
+
+class WanVideoToVideoAdapter(WanAdapter):
+    """WanVideoToVideoPipeline: WanPipeline's two calls per step on one transformer, λ = ``guidance_scale``, over the
+    strength-shortened schedule (``timesteps`` is the loop's slice of the scheduler's, a new tensor every call)."""
+
+    denoisers = ("transformer",)
+    pipeline_locals = ("i", "t", "timesteps", "latents", "negative_prompt_embeds", "guidance_scale")
+    guidance_local = "guidance_scale"
