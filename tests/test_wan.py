@@ -211,6 +211,12 @@ def test_callbacks_videos_per_prompt_lora_scale_and_output_types(wan21):
     assert len(frames[0]) == wan21.size["num_frames"] and isinstance(frames[0][0], Image.Image)
 
 
+def test_videos_per_prompt_with_batch_one_embeddings_at_omega_zero_is_stock(wan21):
+    stock = wan21(num_videos_per_prompt=2)  # the stock forward broadcasts the batch-1 text over 2 latent rows
+    s2fast.wrap(wan21.pipe, S2Config(omega=0.0))
+    torch.testing.assert_close(wan21(num_videos_per_prompt=2), stock, **TOL)
+
+
 def test_prompt_and_negative_embeddings_of_different_lengths_run_apart(wan21):
     emb = dict(wan21.emb, negative_prompt_embeds=wan21.emb["negative_prompt_embeds"][:, :3])
     stock = wan21.pipe(**wan21.kwargs(**emb)).frames
