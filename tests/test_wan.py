@@ -304,3 +304,16 @@ def test_block_graphs_serve_wan_blocks_and_equal_eager(name):
     assert stats["replays"] > 0 and stats["eager_calls"] == 0
     experts = 2 if name == "wan22" else 1
     assert stats["captures"] <= experts * SHAPE.num_layers * 2  # one graph per (block, lane) and expert
+
+
+def test_two_experts_under_model_cpu_offload_sample_the_same_s2():
+    pipe = tiny.wan_pipeline(SHAPE, experts=2, boundary_ratio=0.85, seed=1, with_vae=False)
+    case = Case(pipe, SHAPE, guidance_scale_2=2.5)
+    s2fast.wrap(pipe, S2Config(omega=0.5, masks=MASKS))
+    s2 = case()
+    s2fast.unwrap(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")  # the same accelerate hooks, with a CPU execution device
+    s2fast.wrap(pipe, S2Config(omega=0.5, masks=MASKS))
+    torch.testing.assert_close(case(), s2, atol=0, rtol=0)
+    assert s2fast.trace_denoisers(pipe) == ("transformer",) * 2 + ("transformer_2",) * 2
+    s2fast.unwrap(pipe)
