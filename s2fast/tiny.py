@@ -1,6 +1,7 @@
 """Pipelines built from configs with random weights: for tests, the demo and timing. Nothing is downloaded.
 
-Text encoders and tokenizers are None: callers pass prompt embeddings directly (``embeddings(...)``).
+Text encoders and tokenizers are None: callers pass prompt embeddings directly (``embeddings(...)``,
+``wan_embeddings(...)``). Wan 2.1 image-to-video gets a tiny CLIP image encoder, since its pipeline encodes the image.
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def wan_pipeline(shape: WanShape = WanShape(), *, seed: int = 0, dtype=torch.flo
                  image_to_video: bool = False, experts: int = 1, boundary_ratio: Optional[float] = None,
                  expand_timesteps: bool = False, scheduler: str = "unipc", expert_2_layers: Optional[int] = None,
                  video_to_video: bool = False):
-    """A WanPipeline (or WanImageToVideoPipeline) with random WanTransformer3DModel(s) of ``shape``.
+    """A WanPipeline (or WanImageToVideoPipeline, WanVideoToVideoPipeline) with random WanTransformer3DModel(s) of
+    ``shape``.
 
     ``experts=2`` adds ``transformer_2`` (``expert_2_layers`` blocks, default the same) with ``boundary_ratio``
     (Wan 2.2 A14B); ``expand_timesteps`` is Wan 2.2 TI2V's one timestep per token. Image-to-video needs the VAE

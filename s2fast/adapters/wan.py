@@ -1,4 +1,5 @@
-"""Wan 2.1 / 2.2: WanTransformer3DModel driven by WanPipeline and WanImageToVideoPipeline (diffusers 0.42).
+"""Wan 2.1 / 2.2: WanTransformer3DModel driven by WanPipeline, WanImageToVideoPipeline and WanVideoToVideoPipeline
+(diffusers 0.42).
 
 Model: ``blocks`` of WanTransformerBlock, called as ``block(hidden_states, encoder_hidden_states, timestep_proj,
 rotary_emb)`` and returning the hidden states alone. The flow is [hidden]; the per-row constants are the block
