@@ -81,6 +81,8 @@ def build(model: str, device: str):
     if model == "tiny":
         shape, dtype = tiny.SD3Shape(), torch.float32
         pipe = tiny.sd3_pipeline(shape, with_vae=False)
+    elif model.startswith("wan"):
+        return _build_wan(model, device)
     else:
         from test_gpu_pipelines import FLUX_DEV, SD3_MEDIUM
 
@@ -95,6 +97,29 @@ def build(model: str, device: str):
     scale = "true_cfg_scale" if model == "flux-dev" else "guidance_scale"
     kw = {k: v.to(device) for k, v in tiny.embeddings(shape, dtype=dtype).items()}
     kw.update(tiny.image_size(pipe, shape), output_type="latent", **{scale: 5.0})
+    return pipe, kw
+
+
+def _build_wan(model: str, device: str):
+    """A WanPipeline with a random Wan 2.1 transformer: the 1.3B at 480p or the 14B at 720p, 81 frames, bf16
+    (shapes in test_gpu_pipelines.WAN_SHAPES); "wan-tiny" is a tiny fp32 one, for a CPU run."""
+    from s2fast import tiny
+
+    if model == "wan-tiny":
+        shape, dtype = tiny.WanShape(), torch.float32
+    else:
+        from test_gpu_pipelines import WAN_SHAPES
+
+        shape = WAN_SHAPES["wan2.1-1.3b-480p" if model == "wan2.1-1.3b" else "wan2.1-14b-720p"]
+        dtype = torch.bfloat16
+    torch.set_default_device(device)
+    try:
+        pipe = tiny.wan_pipeline(shape, dtype=dtype, with_vae=False)
+    finally:
+        torch.set_default_device(None)
+    pipe.to(device)
+    kw = {k: v.to(device) for k, v in tiny.wan_embeddings(shape, dtype=dtype).items()}
+    kw.update(tiny.wan_video_size(pipe, shape), output_type="latent", guidance_scale=5.0)
     return pipe, kw
 
 
@@ -123,7 +148,8 @@ def markdown(report: Dict) -> str:
 
 def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("tiny", "sd3-medium", "flux-dev"), default="sd3-medium")
+    p.add_argument("--model", choices=("tiny", "sd3-medium", "flux-dev", "wan-tiny", "wan2.1-1.3b", "wan2.1-14b"),
+                   default="sd3-medium")
     p.add_argument("--method", choices=("stock-cfg", "cfg", "s2"), default="s2")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -183,3 +183,89 @@ def test_step_vs_floor_sd3_medium(interleaved, mask_name):
         summary[name]["floor_ratio"] = floor  # target: ratio ≤ 1.03 × floor for the graphed case
     summary["s2-naive-three-pass"]["floor_ratio"] = block_rows(24, 2, mask, reuse_prefix=False) / 48
     print(f"\nblock graphs: {graphed.graphs.stats.as_dict()}")
+
+
+# --- Wan video (per step) ----------------------------------------------------------------------------------------
+# Wan 2.1 1.3B at 480p, 81 frames: 30 blocks, hidden 1536 (12 heads × 128), FFN 8960, 21 latent frames of 60 × 104
+# = 32 760 video tokens, 512 text tokens × 4096. Wan 2.1 14B at 720p, 81 frames: 40 blocks, hidden 5120 (40 × 128),
+# FFN 13 824, 21 × 90 × 160 latents = 75 600 tokens. bf16 weights: 2.8 GB and 28.6 GB.
+# Wan 2.2 A14B is two such 14B experts (57 GB of bf16 weights): both fit one 80 GB H100 or a 141 GB H200 with the
+# eager S² step's activations at 720p (three rows of 774 MB hidden states plus one block's temporaries), but not
+# with block graphs at 720p: a graph keeps its block's output per lane, 40 blocks × 3 rows × 774 MB ≈ 93 GB.
+WAN_SHAPES = {
+    "wan2.1-1.3b-480p": tiny.WanShape(num_layers=30, heads=12, head_dim=128, latent_frames=21, latent_size=60,
+                                      latent_width=104, text_tokens=512, text_dim=4096, ffn_dim=8960),
+    "wan2.1-14b-720p": tiny.WanShape(num_layers=40, heads=40, head_dim=128, latent_frames=21, latent_size=90,
+                                     latent_width=160, text_tokens=512, text_dim=4096, ffn_dim=13824),
+}
+# (shape, mask): every mask on 1.3B; the mean-k mask on 14B (a step there takes seconds)
+WAN_CASES = [(s, m) for s in WAN_SHAPES for m in (STEP_MASKS if s.endswith("480p") else ("k8",))]
+
+
+def wan_step_inputs(shape, device="cuda", dtype=torch.bfloat16):
+    """A random WanTransformer3DModel of ``shape`` and the [uncond, cond] rows of one step (batch 1 each)."""
+    from s2fast.adapters.wan import WanAdapter
+
+    torch.manual_seed(0)
+    torch.set_default_device(device)  # random init on the device: a 14 B-parameter model initialises in seconds
+    try:
+        model = tiny.wan_transformer(shape).to(dtype)
+    finally:
+        torch.set_default_device(None)
+    adapter = WanAdapter()
+    emb = {k: v.to(device) for k, v in tiny.wan_embeddings(shape, dtype=dtype).items()}
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(1, 16, shape.latent_frames, shape.latent_size, shape.width, generator=g, device=device, dtype=dtype)
+    cond = dict(hidden_states=x, timestep=torch.full((1,), 500.0, device=device),
+                encoder_hidden_states=emb["prompt_embeds"], encoder_hidden_states_image=None, attention_kwargs=None)
+    uncond = dict(cond, encoder_hidden_states=emb["negative_prompt_embeds"])
+    return model, adapter, BranchRows(adapter.batched_inputs, 2, branches=[uncond, cond])
+
+
+def wan_step_cases(model, adapter, rows, mask, graphs=None):
+    """Zero-argument callables, one per case: the pipeline's own two batch-1 calls (cond, then uncond), the naive
+    three batch-1 calls, and s2fast's batched step (eager, and with block graphs when ``graphs`` is given)."""
+    from s2fast.reference import skipping
+
+    def forward(inputs):
+        return model(**inputs, return_dict=False)[0]
+
+    def naive():
+        forward(rows.branch(1)), forward(rows.branch(0))
+        with skipping(adapter, adapter.blocks(model), mask[0]):
+            return forward(rows.branch(1))
+
+    cases = {
+        "cfg-stock": lambda: (forward(rows.branch(1)), forward(rows.branch(0))),
+        "cfg-s2fast-eager": lambda: predict(adapter, model, rows, []),
+        "s2-s2fast-eager": lambda: predict(adapter, model, rows, mask),
+        "s2-naive-three-pass": naive,
+    }
+    if graphs is not None:
+        options = EngineOptions(graphs=graphs)
+        cases["cfg-s2fast-graphs"] = lambda: predict(adapter, model, rows, [], options)
+        cases["s2-s2fast-graphs"] = lambda: predict(adapter, model, rows, mask, options)
+    return cases
+
+
+@pytest.mark.parametrize("shape_name,mask_name", WAN_CASES)
+def test_step_vs_floor_wan(interleaved, shape_name, mask_name):
+    """One denoising step's transformer work at Wan video shapes (bf16): s2fast S² against the stock loop's two
+    calls and against the block-row floor, in the same run. Block graphs only at 480p (see WAN_SHAPES)."""
+    torch.set_grad_enabled(False)
+    shape = WAN_SHAPES[shape_name]
+    model, adapter, rows = wan_step_inputs(shape)
+    mask = [STEP_MASKS[mask_name]]
+    graphs = BlockGraphs(CudaGraphBackend()) if shape_name.endswith("480p") else None
+    cases = {name: _timed(fn) for name, fn in wan_step_cases(model, adapter, rows, mask, graphs).items()}
+    rounds = 2 * ROUNDS if shape_name.endswith("480p") else 3
+    summary = interleaved(f"{shape_name} step, mask {mask[0]}", cases, "cfg-stock", rounds, self_timed=True)
+    L = shape.num_layers
+    for name in summary:
+        if name.startswith("s2-s2fast"):
+            summary[name]["floor"] = block_rows(L, 2, mask) / (2 * L)
+    summary["s2-naive-three-pass"]["floor"] = block_rows(L, 2, mask, reuse_prefix=False) / (2 * L)
+    if graphs is not None:
+        print(f"\nblock graphs: {graphs.stats.as_dict()}")
+    del model
+    torch.cuda.empty_cache()

@@ -1,4 +1,4 @@
-"""The public entry points: wrap, unwrap, trace, config_of, graph_stats."""
+"""The public entry points: wrap, unwrap, trace, trace_denoisers, config_of, graph_stats."""
 
 from __future__ import annotations
 
@@ -77,6 +77,16 @@ def trace(pipe) -> Tuple:
     if controller is None:
         raise ValueError("s2fast.trace: this pipeline is not wrapped (call s2fast.wrap(pipe, config) first)")
     return controller.trace()
+
+
+def trace_denoisers(pipe) -> Tuple:
+    """Beside :func:`trace`: which denoiser (the pipeline attribute, ``"transformer"`` or ``"transformer_2"``) ran
+    each step of the last call, None for a step that ran none (interrupted). For pipelines with two experts (Wan
+    2.2): a step's mask indexes the blocks of the expert named here."""
+    controller = _controller(pipe)
+    if controller is None:
+        raise ValueError("s2fast.trace_denoisers: this pipeline is not wrapped (call s2fast.wrap(pipe, config) first)")
+    return controller.trace_denoisers()
 
 
 def graph_stats(pipe) -> Optional[dict]:

@@ -373,6 +373,9 @@ class Controller:
         steps = self._run.trace if self._run is not None else []
         return tuple(public_step_form(step, self.config.num_masks) for step in steps)
 
+    def trace_denoisers(self) -> Tuple[Optional[str], ...]:
+        return tuple(self._run.denoisers) if self._run is not None else ()
+
     def graph_stats(self) -> Optional[Dict[str, int]]:
         stats = [s.graphs.stats.as_dict() for s in self._models.values() if s.graphs is not None]
         if not stats:

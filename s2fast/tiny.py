@@ -1,12 +1,14 @@
 """Pipelines built from configs with random weights: for tests, the demo and timing. Nothing is downloaded.
 
-Text encoders and tokenizers are None: callers pass prompt embeddings directly (``embeddings(...)``).
+Text encoders and tokenizers are None: callers pass prompt embeddings directly (``embeddings(...)``,
+``wan_embeddings(...)``). Wan 2.1 image-to-video gets a tiny CLIP image encoder, since its pipeline encodes the image.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -147,3 +149,139 @@ def dit_pipeline(shape: DiTShape = DiTShape(), *, seed: int = 0, scheduler: str 
 def _cast(model, dtype):
     # .to(float32) on a float32 model only prints a diffusers warning about modules to keep in float32.
     return model if dtype == torch.float32 else model.to(dtype)
+
+
+@dataclass(frozen=True)
+class WanShape:
+    """A Wan-shaped transformer (WanTransformer3DModel, patch (1, 2, 2)). The defaults are tiny (tests);
+    ``BENCH_WAN`` is the CPU benchmark's 24-block shape. ``image_dim`` set: Wan 2.1 image-to-video (image
+    embeddings, 36 input channels: latents, the 4-channel frame mask and the condition latents)."""
+
+    num_layers: int = 4
+    heads: int = 2
+    head_dim: int = 12
+    latent_frames: int = 3
+    latent_size: int = 8        # latent height (and width unless latent_width is set); patches are 2 × 2
+    text_tokens: int = 6
+    text_dim: int = 32
+    ffn_dim: int = 48
+    image_dim: Optional[int] = None
+    latent_width: Optional[int] = None
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def width(self) -> int:
+        return self.latent_size if self.latent_width is None else self.latent_width
+
+    @property
+    def tokens(self) -> int:
+        return self.latent_frames * (self.latent_size // 2) * (self.width // 2)
+
+
+# 24 blocks, 4 heads × 48, 5 latent frames of 16×16 (320 video tokens), 64 text tokens, FFN 6 × hidden.
+BENCH_WAN = WanShape(num_layers=24, heads=4, head_dim=48, latent_frames=5, latent_size=16, text_tokens=64,
+                     text_dim=256, ffn_dim=1152)
+
+
+def wan_transformer(shape: WanShape = WanShape(), *, in_channels: Optional[int] = None):
+    """A random WanTransformer3DModel of ``shape`` (call ``torch.manual_seed`` first for fixed weights)."""
+    from diffusers import WanTransformer3DModel
+
+    i2v = shape.image_dim is not None
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=shape.heads, attention_head_dim=shape.head_dim,
+        in_channels=in_channels or (36 if i2v else 16), out_channels=16, text_dim=shape.text_dim, freq_dim=32,
+        ffn_dim=shape.ffn_dim, num_layers=shape.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        image_dim=shape.image_dim, added_kv_proj_dim=shape.hidden if i2v else None,
+        rope_max_seq_len=1024,
+    ).eval()
+
+
+def wan_vae():
+    """A tiny AutoencoderKLWan: 16 latent channels, 8× spatial and 4× temporal compression like Wan 2.1's."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def wan_scheduler(kind: str = "unipc", flow_shift: float = 3.0):
+    """The hub default of Wan (UniPC on flow sigmas), or FlowMatchEuler ("euler") with the same shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if kind == "unipc":
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                       num_train_timesteps=1000, flow_shift=flow_shift)
+    if kind == "euler":
+        return FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+    raise ValueError(f"wan_scheduler: kind must be 'unipc' or 'euler', got {kind!r}")
+
+
+def wan_pipeline(shape: WanShape = WanShape(), *, seed: int = 0, dtype=torch.float32, with_vae: bool = True,
+                 image_to_video: bool = False, experts: int = 1, boundary_ratio: Optional[float] = None,
+                 expand_timesteps: bool = False, scheduler: str = "unipc", expert_2_layers: Optional[int] = None,
+                 video_to_video: bool = False):
+    """A WanPipeline (or WanImageToVideoPipeline, WanVideoToVideoPipeline) with random WanTransformer3DModel(s) of
+    ``shape``.
+
+    ``experts=2`` adds ``transformer_2`` (``expert_2_layers`` blocks, default the same) with ``boundary_ratio``
+    (Wan 2.2 A14B); ``expand_timesteps`` is Wan 2.2 TI2V's one timestep per token. Image-to-video needs the VAE
+    (the pipeline encodes the image); with ``shape.image_dim`` set (Wan 2.1) it has a tiny CLIP image encoder too.
+    ``video_to_video``: a WanVideoToVideoPipeline (one transformer)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline, WanVideoToVideoPipeline
+
+    if experts not in (1, 2):
+        raise ValueError(f"wan_pipeline: experts must be 1 or 2, got {experts}")
+    torch.manual_seed(seed)
+    in_channels = 36 if image_to_video and not expand_timesteps else 16
+    transformer = _cast(wan_transformer(shape, in_channels=in_channels), dtype)
+    transformer_2 = None
+    if experts == 2:
+        shape_2 = shape if expert_2_layers is None else dataclasses.replace(shape, num_layers=expert_2_layers)
+        transformer_2 = _cast(wan_transformer(shape_2, in_channels=in_channels), dtype)
+    parts = dict(tokenizer=None, text_encoder=None, vae=wan_vae() if with_vae or image_to_video else None,
+                 scheduler=wan_scheduler(scheduler), transformer=transformer, transformer_2=transformer_2,
+                 boundary_ratio=boundary_ratio, expand_timesteps=expand_timesteps)
+    if video_to_video:
+        parts = {k: parts[k] for k in ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")}
+        pipe = WanVideoToVideoPipeline(**parts)
+    elif image_to_video:
+        encoder, processor = _clip_image_encoder(shape.image_dim) if shape.image_dim is not None else (None, None)
+        pipe = WanImageToVideoPipeline(image_processor=processor, image_encoder=encoder, **parts)
+    else:
+        pipe = WanPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _clip_image_encoder(hidden: int):
+    """A tiny CLIP vision tower (32 × 32 input, 8 × 8 patches: 17 image tokens of width ``hidden``) and its image
+    processor, built from configs: Wan 2.1 image-to-video encodes the image itself (diffusers 0.42 refuses an
+    ``image`` passed together with ``image_embeds``, and it needs the image for the condition latents)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=32, patch_size=8, projection_dim=hidden)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPVisionModel(config).eval(), processor
+
+
+def wan_embeddings(shape: WanShape, batch: int = 1, *, seed: int = 1, dtype=torch.float32) -> Dict:
+    """prompt / negative embeddings for ``shape``."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    emb = dict(prompt_embeds=r(batch, shape.text_tokens, shape.text_dim),
+               negative_prompt_embeds=r(batch, shape.text_tokens, shape.text_dim))
+    return emb
+
+
+def wan_video_size(pipe, shape: WanShape) -> Dict[str, int]:
+    """height, width and num_frames arguments that give latents of ``shape``."""
+    scale = pipe.vae_scale_factor_spatial
+    return dict(height=shape.latent_size * scale, width=shape.width * scale,
+                num_frames=(shape.latent_frames - 1) * pipe.vae_scale_factor_temporal + 1)

@@ -134,3 +134,73 @@ def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_
         subs = [run(x, labels, t, m) for m in step_masks(masks, num_masks)[i]]
         latents = sched.step(combine(u, cond, subs, lam, omega), t, latents).prev_sample
     return latents
+
+
+@torch.no_grad()
+def wan_three_pass(pipe, emb, masks, *, steps, lam, omega, lam_2=None, seed=0, height, width, num_frames,
+                   image=None, num_masks=1, cfg=True, latents=None, strength=None):
+    """WanPipeline's / WanImageToVideoPipeline's loop with separate batch-B forwards (cond, uncond, cond with the
+    masked blocks of the expert that runs skipped; a Wan block returns its hidden states), the expert and λ chosen
+    by the boundary as the pipeline does, Eq. 4, and a fresh scheduler. ``image``: image-to-video (the condition
+    latents from the pipeline's own prepare_latents)."""
+    model = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+    dtype = emb["prompt_embeds"].dtype
+    generator = torch.Generator().manual_seed(seed)
+    b = emb["prompt_embeds"].shape[0]
+    expand = pipe.config.get("expand_timesteps", False)
+    if latents is not None:  # video-to-video with given noisy latents
+        condition = first_frame_mask = None
+    elif image is None:
+        latents = pipe.prepare_latents(b, model.config.out_channels, height, width, num_frames, torch.float32, "cpu",
+                                       generator)
+        condition = first_frame_mask = None
+    else:
+        pixels = pipe.video_processor.preprocess(image, height=height, width=width).to("cpu", dtype=torch.float32)
+        out = pipe.prepare_latents(pixels, b, pipe.vae.config.z_dim, height, width, num_frames, torch.float32, "cpu",
+                                   generator)
+        latents, condition = out[:2]
+        first_frame_mask = out[2] if expand else None
+    if image is None and expand:
+        first_frame_mask = torch.ones(latents.shape, dtype=torch.float32)
+    image_embeds = None
+    if image is not None and model.config.image_dim is not None:  # Wan 2.1: the pipeline's own image encoder
+        image_embeds = pipe.encode_image(image, "cpu").repeat(b, 1, 1).to(dtype)
+    sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps
+    if strength is not None:  # video-to-video: the last int(steps · strength) steps
+        timesteps = timesteps[steps - min(int(steps * strength), steps):]
+    ratio = pipe.config.get("boundary_ratio")
+    boundary = None if ratio is None else ratio * sched.config.num_train_timesteps
+    lam_2 = lam if lam_2 is None else lam_2
+
+    def run(model, x, pe, t, skip=()):
+        blocks = model.blocks
+        try:
+            for i in skip:
+                blocks[i].forward = lambda hidden_states, *a, **k: hidden_states
+            return type(model).forward(model, hidden_states=x, timestep=t, encoder_hidden_states=pe,
+                                       encoder_hidden_states_image=image_embeds, return_dict=False)[0]
+        finally:
+            for i in skip:
+                del blocks[i].forward
+
+    for i, t in enumerate(timesteps):
+        expert, scale = (pipe.transformer, lam) if boundary is None or t >= boundary else (pipe.transformer_2, lam_2)
+        if image is not None and not expand:
+            x = torch.cat([latents, condition], dim=1).to(dtype)
+        elif image is not None:
+            x = ((1 - first_frame_mask) * condition + first_frame_mask * latents).to(dtype)
+        else:
+            x = latents.to(dtype)
+        if expand:
+            timestep = (first_frame_mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(b, -1)
+        else:
+            timestep = t.expand(b)
+        u = run(expert, x, emb["negative_prompt_embeds"], timestep) if cfg else None
+        c = run(expert, x, emb["prompt_embeds"], timestep)
+        subs = [run(expert, x, emb["prompt_embeds"], timestep, m) for m in step_masks(masks, num_masks)[i]]
+        latents = sched.step(combine(u, c, subs, scale, omega), t, latents, return_dict=False)[0]
+    if image is not None and expand:
+        latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
+    return latents

@@ -26,6 +26,12 @@ def test_profile_on_cpu_writes_markdown_and_json(profile_gpu, tmp_path):
     assert "| kernel / op | calls | total ms | share % |" in md and report["wall_s"] > 0
 
 
+def test_profile_runs_the_wan_pipeline_on_cpu(profile_gpu, tmp_path):
+    report = profile_gpu.main(["--model", "wan-tiny", "--device", "cpu", "--steps", "2", "--top", "3", "--out",
+                               str(tmp_path)])
+    assert len(report["masks"]) == 2 and len(report["top"]) == 3 and report["wall_s"] > 0
+
+
 def test_nvml_sampler_without_nvml_reports_why(profile_gpu, monkeypatch):
     import builtins
 

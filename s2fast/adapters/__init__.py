@@ -12,6 +12,9 @@ _FAMILIES = {
     "StableDiffusion3Pipeline": ("s2fast.adapters.sd3", "SD3Adapter"),
     "FluxPipeline": ("s2fast.adapters.flux", "FluxAdapter"),
     "DiTPipeline": ("s2fast.adapters.dit", "DiTAdapter"),
+    "WanPipeline": ("s2fast.adapters.wan", "WanAdapter"),
+    "WanImageToVideoPipeline": ("s2fast.adapters.wan", "WanAdapter"),
+    "WanVideoToVideoPipeline": ("s2fast.adapters.wan", "WanVideoToVideoAdapter"),
 }
 _REGISTERED: Dict[type, type] = {}  # pipeline class -> adapter class, from register_adapter
 
@@ -69,11 +72,11 @@ def adapter_for(pipe):
         raise ValueError(f"s2fast does not support {type(pipe).__name__}; supported pipelines: "
                          f"{', '.join(supported_pipelines())} (s2fast.register_adapter adds one)")
     adapter = adapter_class()
-    for name in adapter.denoisers:
-        model = getattr(pipe, name, None)
-        if model is None and name != adapter.denoisers[0]:
-            continue  # an optional second expert the pipeline was built without
-        check_model(adapter, pipe, name, model)
+    present = [name for name in adapter.denoisers if getattr(pipe, name, None) is not None]
+    # A pipeline may be built without one of its experts (Wan 2.1 has no transformer_2; Wan 2.2 can load the
+    # low-noise expert alone), but it needs at least one denoiser.
+    for name in present or adapter.denoisers[:1]:
+        check_model(adapter, pipe, name, getattr(pipe, name, None))
     return adapter
 
 

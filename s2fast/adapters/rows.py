@@ -57,6 +57,8 @@ def _stack(branches: Sequence[Dict[str, Any]], batched_keys: Sequence[str]) -> O
     out: Dict[str, Any] = {}
     for k, v in first.items():
         if k in batched_keys and v is not None:
+            if any(not isinstance(b[k], torch.Tensor) or b[k].shape[1:] != v.shape[1:] for b in branches[1:]):
+                return None  # e.g. prompt and negative embeddings of different lengths: one batch cannot hold both
             out[k] = torch.cat([b[k] for b in branches], dim=0)
         elif all(_same(v, b[k]) for b in branches[1:]):
             out[k] = v
