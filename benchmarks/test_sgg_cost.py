@@ -30,7 +30,7 @@ SHAPE = tiny.BENCH_SD3
 L = SHAPE.num_layers
 LAMBDA = 4.5      # SD3-medium's usual guidance scale
 STEPS = 4
-ROUNDS = 8
+ROUNDS = 6
 CONFIG = SGGConfig()  # cfg_window (0, 0.5), skip_window (0.5, 1), skip_blocks (7, 8, 9), skip_scale 3
 
 
