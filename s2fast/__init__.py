@@ -5,6 +5,7 @@
     s2fast.trace(pipe)         # the masks of the last call
     s2fast.trace_denoisers(pipe)   # beside it: which expert ran each step (Wan 2.2's two)
     s2fast.unwrap(pipe)        # restores the pipeline exactly
+    s2fast.wrap(pipe, s2fast.SGGConfig())   # segmented guidance: CFG, then skip-layer guidance
     s2fast.register_adapter(MyPipeline, MyAdapter)   # teach wrap another pipeline class
 
 Importing s2fast is cheap: torch and diffusers are imported when wrap is first used.
@@ -15,6 +16,7 @@ import os as _os
 import sys as _sys
 
 from .config import S2Config
+from .sgg import SGGConfig
 
 
 def _kernels_of_this_checkout() -> None:
@@ -41,8 +43,8 @@ def _kernels_of_this_checkout() -> None:
 _kernels_of_this_checkout()
 
 __version__ = "0.1.0"
-__all__ = ["S2Config", "wrap", "unwrap", "trace", "trace_denoisers", "config_of", "graph_stats", "register_adapter",
-           "__version__"]
+__all__ = ["S2Config", "SGGConfig", "wrap", "unwrap", "trace", "trace_denoisers", "config_of", "graph_stats",
+           "register_adapter", "__version__"]
 
 
 def __getattr__(name):

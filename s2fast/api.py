@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import sys
 import weakref
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from .adapters import adapter_for
 from .config import S2Config
 from .controller import Controller, Predictor, check_attachable
+from .sgg import SGGConfig
 
 _ATTR = "_s2fast_controller"  # where the controller lives on the pipeline object (an instance attribute)
 _GUARD = "progress_bar"  # the pipeline method every supported loop calls once, before its first step
 
 
-def wrap(pipe, config: Optional[S2Config] = None, *, _predictor: Optional[Predictor] = None, _graph_backend=None):
-    """Make ``pipe`` sample with S²-Guidance; returns ``pipe``.
+def wrap(pipe, config: Union[S2Config, SGGConfig, None] = None, *, _predictor: Optional[Predictor] = None,
+         _graph_backend=None):
+    """Make ``pipe`` sample with S²-Guidance (an S2Config, the default) or segmented guidance (an SGGConfig);
+    returns ``pipe``.
 
     The pipeline's own call keeps its arguments, callbacks, progress bar and output types; its guidance scale is
     λ of Eq. 4. Wrapping a wrapped pipeline replaces its config. Every check runs before anything changes: on a
@@ -28,8 +31,8 @@ def wrap(pipe, config: Optional[S2Config] = None, *, _predictor: Optional[Predic
     each as it is wrapped or not.
     """
     config = S2Config() if config is None else config
-    if not isinstance(config, S2Config):
-        raise TypeError(f"s2fast.wrap expects an S2Config, got {type(config).__name__}")
+    if not isinstance(config, (S2Config, SGGConfig)):
+        raise TypeError(f"s2fast.wrap expects an S2Config or an SGGConfig, got {type(config).__name__}")
     adapter = adapter_for(pipe)
     controller = Controller(adapter, config, **({"predictor": _predictor} if _predictor else {}),
                             graph_backend=_graph_backend)
@@ -72,7 +75,8 @@ def _forget(pipe) -> None:
 
 def trace(pipe) -> Tuple:
     """The masks of the last call of a wrapped pipeline: one entry per denoising step, the tuple of dropped block
-    indices (a tuple of such tuples when num_masks > 1), () where S² was off. Valid as ``S2Config(masks=...)``."""
+    indices (a tuple of such tuples when num_masks > 1), () where S² was off. Valid as ``S2Config(masks=...)``.
+    With an SGGConfig: skip_blocks at the steps that ran the skip pass, () at the others."""
     controller = _controller(pipe)
     if controller is None:
         raise ValueError("s2fast.trace: this pipeline is not wrapped (call s2fast.wrap(pipe, config) first)")
@@ -99,8 +103,8 @@ def graph_stats(pipe) -> Optional[dict]:
     return None if controller is None else controller.graph_stats()
 
 
-def config_of(pipe) -> Optional[S2Config]:
-    """The S2Config a pipeline is wrapped with, or None."""
+def config_of(pipe) -> Union[S2Config, SGGConfig, None]:
+    """The config (S2Config or SGGConfig) a pipeline is wrapped with, or None."""
     controller = _controller(pipe)
     return None if controller is None else controller.config
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import binding, fork_choice
+from . import binding, fork_choice, plan
 from . import masks as mask_sampling
 from .adapters import check_model
 from .adapters.base import FamilyAdapter, PipelineLocals, StepRequest
@@ -25,8 +25,9 @@ from .attention import AttentionChoice, attention_backend
 from .config import Mask, S2Config, public_step_form
 from .engine import EngineOptions, graph_context, predict
 from .fused_step import FusedStep, SchedulerHook, fused_step_for_call
-from .graphs import BlockGraphs, kept_graphs, release_graphs, warmup_predictions, warmup_subnets
+from .graphs import BlockGraphs, kept_graphs, release_graphs
 from .kernels.dispatch import log_once
+from .plan import StepGuidance
 
 logger = logging.getLogger("s2fast")
 
@@ -59,13 +60,13 @@ class _FollowUp:
 
 @dataclass
 class _Run:
-    """The state of one pipeline call: its masks, what it used, and a value to serve a follow-up call."""
+    """The state of one pipeline call: its plan, what it used, and a value to serve a follow-up call."""
 
     timesteps: Any
     steps: int
     trace: List[Tuple[Mask, ...]]
     denoisers: List[Optional[str]]                    # which denoiser attribute ran each step
-    schedules: Dict[int, List[Tuple[Mask, ...]]] = field(default_factory=dict)  # per block count
+    schedules: Dict[int, List[StepGuidance]] = field(default_factory=dict)  # per block count
     seed: Optional[int] = None                        # drawn once per call when the config's seed is None
     memo: Dict[str, Any] = field(default_factory=dict)
     follow_up: Optional[_FollowUp] = None
@@ -73,10 +74,10 @@ class _Run:
     fused_decided: bool = False                        # at the call's first step, when the prediction's shape is known
     steps_served: int = 0
 
-    def masks(self, config: S2Config, step: int, num_blocks: int) -> Tuple[Mask, ...]:
-        """This step's masks for a denoiser of ``num_blocks`` blocks (experts may differ in block count)."""
+    def guidance(self, config, step: int, num_blocks: int) -> StepGuidance:
+        """This step's plan for a denoiser of ``num_blocks`` blocks (experts may differ in block count)."""
         if num_blocks not in self.schedules:
-            self.schedules[num_blocks] = mask_sampling.schedule(config, self.steps, num_blocks, seed=self.seed)
+            self.schedules[num_blocks] = plan.guidance_steps(config, self.steps, num_blocks, seed=self.seed)
         return self.schedules[num_blocks][step]
 
 
@@ -218,7 +219,7 @@ class Controller:
         memo = ("fork_mode", id(model))
         mode = run.memo.get(memo)
         if mode is None:
-            subnets = warmup_subnets(state.num_blocks, c)  # fork at the first droppable block: the modes differ most
+            subnets = plan.warmup_subnets(c, state.num_blocks)  # fork as early as any step can: the modes differ most
             if not c.batch_branches or not subnets or self.predictor is not predict:
                 mode = "separate"  # no step of this call forks, nothing to join, or a predictor without modes
             else:
@@ -271,14 +272,14 @@ class Controller:
         if c.attention != "fastest":  # every step goes through here: nothing to build for a fixed choice
             return None if c.attention == "default" else c.attention
         eager = EngineOptions(c.batch_branches, c.reuse_prefix, "separate", None)
-        run = lambda: self.predictor(self.adapter, model, rows, warmup_subnets(state.num_blocks, c), eager)  # noqa: E731
+        run = lambda: self.predictor(self.adapter, model, rows, plan.warmup_subnets(c, state.num_blocks), eager)  # noqa: E731
         return state.attention.backend_for(key, run, model.device)
 
     def _warm_up(self, model, state: _Denoiser, rows, key: Tuple, fork_mode: str) -> None:
         """Before the first step of a new input shape (or LoRA scale, autocast state, config, fork mode):
-        discarded predictions whose sub-networks fork as early as any mask can (graphs.warmup_predictions), so
+        discarded predictions whose sub-networks fork as early as any mask can (plan.warmup_predictions), so
         every (block, lane) graph a later mask needs is captured now, not mid-sampling."""
-        predictions = warmup_predictions(state.num_blocks, self.config, fork_mode)
+        predictions = plan.warmup_predictions(self.config, state.num_blocks, fork_mode)
         done = (key, predictions, state.graphs.variant, graph_context(self.adapter, rows), fork_mode)
         if done in state.graphs.warmed or state.graphs.failure is not None:  # done already, or graphs failed
             return
@@ -306,38 +307,46 @@ class Controller:
             raise RuntimeError(f"s2fast: step {step} of a {run.steps}-step call; the pipeline's loop is not "
                                "the one s2fast supports")
         request = self.adapter.request(pipe, call_locals, inputs, run.memo)
-        subnets = run.masks(self.config, step, state.num_blocks)
-        d, predictions = self._guided(pipe, model, state, run, call_locals, request, subnets)
-        run.trace[step] = subnets
+        guidance = run.guidance(self.config, step, state.num_blocks)
+        d, predictions = self._guided(pipe, model, state, run, call_locals, request, guidance)
+        run.trace[step] = guidance.subnets
         run.denoisers[step] = next((name for name, m in self.denoiser_models(pipe) if m is model), None)
         run.steps_served += 1
         run.follow_up = _FollowUp(step, d, request.follow_ups) if request.follow_ups else None
         return request.respond(d, predictions)
 
     def _guided(self, pipe, model, state: _Denoiser, run: _Run, call_locals: PipelineLocals, request: StepRequest,
-                subnets: Tuple[Mask, ...]):
-        """(D, the engine's predictions) for this step; with the fused step, x_{t−1} too (stashed for the
-        scheduler's step)."""
+                guidance: StepGuidance):
+        """(D, the predictions for ``request.respond``) for this step; with the fused step, x_{t−1} too (stashed for
+        the scheduler's step). A step whose plan has no uncond rows computes the cond rows only, and the cond
+        prediction stands in the uncond branch's place for ``respond``."""
         from .kernels import guided_prediction
 
         self._decide_graphs(model, state)
         graphs = state.graphs
+        rows = request.rows
+        with_uncond = rows.count == 2 and guidance.uncond
+        if rows.count == 2 and not with_uncond:
+            rows = rows.only(request.cond_branch)
         # the input signature keys graph warm-ups and attention measurements; plain runs skip computing it
-        key = self._input_key(request.rows) if graphs is not None or self.config.attention == "fastest" else None
-        backend = self._attention_for(model, state, request.rows, key)
+        key = self._input_key(rows) if graphs is not None or self.config.attention == "fastest" else None
+        backend = self._attention_for(model, state, rows, key)
         with attention_backend(backend):
-            fork_mode = self._fork_mode(model, state, run, request.rows)
+            fork_mode = self._fork_mode(model, state, run, rows)
             if graphs is not None:
                 if ("graphs_checked", id(model)) not in run.memo:  # once per call: weights replaced since? recapture
                     run.memo[("graphs_checked", id(model))] = True
                     graphs.check_model(model)
                 graphs.variant = (backend, self.config.compile_blocks)
-                self._warm_up(model, state, request.rows, key, fork_mode)
-            preds = self.predictor(self.adapter, model, request.rows, subnets, self.options(state, fork_mode))
+                self._warm_up(model, state, rows, key, fork_mode)
+            preds = self.predictor(self.adapter, model, rows, guidance.subnets, self.options(state, fork_mode))
+        if rows is not request.rows:  # [cond, subs...] -> the request's branches, cond in the uncond slot too
+            preds = [preds[0]] * request.rows.count + list(preds[1:])
         part = request.guided_part or (lambda p: p)
         branches = request.rows.count
-        uncond = part(preds[request.uncond_branch]) if branches == 2 else None
+        uncond = part(preds[request.uncond_branch]) if with_uncond else None
         cond, subs = part(preds[request.cond_branch]), [part(p) for p in preds[branches:]]
+        scale = None if uncond is None else request.guidance_scale + guidance.guidance_offset
         if not run.fused_decided:
             # An adapter without the fused step never gets here with fused_step=True: wrap refuses that.
             run.fused = None
@@ -347,10 +356,9 @@ class Controller:
             run.fused_decided = True
         if run.fused is not None:
             latents, t = self.adapter.loop_sample(call_locals)
-            d = run.fused.step(pipe.scheduler, latents, t, cond, uncond, subs, request.guidance_scale,
-                               self.config.omega)
+            d = run.fused.step(pipe.scheduler, latents, t, cond, uncond, subs, scale, guidance.omega)
         else:
-            d = guided_prediction(cond, uncond, subs, request.guidance_scale, self.config.omega)
+            d = guided_prediction(cond, uncond, subs, scale, guidance.omega)
         return d, preds
 
     def _run_for(self, pipe, call_locals: PipelineLocals) -> _Run:
@@ -362,16 +370,17 @@ class Controller:
             for name, model in self.denoiser_models(pipe):
                 refuse_incompatible_hooks(pipe, name, model, since_wrap=True)
             n = len(timesteps)
-            seed = self.config.seed if self.config.seed is not None else mask_sampling.fresh_seed()
+            seed = getattr(self.config, "seed", None)
+            seed = seed if seed is not None else mask_sampling.fresh_seed()
             run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed)
             for _, model in self.denoiser_models(pipe)[:1]:
-                run.masks(self.config, 0, self.state(model).num_blocks)
+                run.guidance(self.config, 0, self.state(model).num_blocks)
             self._run = run
         return self._run
 
     def trace(self) -> Tuple:
         steps = self._run.trace if self._run is not None else []
-        return tuple(public_step_form(step, self.config.num_masks) for step in steps)
+        return tuple(public_step_form(step, plan.num_masks(self.config)) for step in steps)
 
     def trace_denoisers(self) -> Tuple[Optional[str], ...]:
         return tuple(self._run.denoisers) if self._run is not None else ()

@@ -44,6 +44,10 @@ class BranchRows:
         return {k: (v.narrow(0, j * b, b) if k in self.batched_keys and v is not None else v)
                 for k, v in self._stacked.items()}
 
+    def only(self, j: int) -> "BranchRows":
+        """Branch ``j`` alone (one branch of B rows): the rows of a step that needs no uncond prediction."""
+        return BranchRows(self.batched_keys, 1, branches=[self.branch(j)])
+
     def stacked(self) -> Optional[Dict[str, Any]]:
         """All branches in one batch, or None when their shared inputs differ (they cannot share a call)."""
         if self._stacked is None and not self._unstackable:

@@ -51,8 +51,9 @@ class SD3Adapter(TwoStreamAdapter):
         super().check_call(call_locals, inputs)
         if call_locals["skip_guidance_layers"] is not None:
             raise ValueError(
-                "skip_guidance_layers (the pipeline's skip-layer guidance) cannot be combined with S²: S² already "
-                "subtracts a skipped-block prediction. Use S2Config(masks=...) for fixed blocks, or s2fast.unwrap(pipe)"
+                "skip_guidance_layers (the pipeline's skip-layer guidance) cannot be combined with s2fast, which "
+                "runs its own skipped-block pass: use s2fast.SGGConfig(cfg_window=(0, 1), skip_window=(0.01, 0.2), "
+                "skip_blocks=...) for skip-layer guidance, or s2fast.unwrap(pipe)"
             )
 
     def request(self, pipe, call_locals, inputs, memo) -> StepRequest:
