@@ -263,9 +263,60 @@ def test_step_vs_floor_wan(interleaved, shape_name, mask_name):
     L = shape.num_layers
     for name in summary:
         if name.startswith("s2-s2fast"):
-            summary[name]["floor"] = block_rows(L, 2, mask) / (2 * L)
-    summary["s2-naive-three-pass"]["floor"] = block_rows(L, 2, mask, reuse_prefix=False) / (2 * L)
+            summary[name]["floor_ratio"] = block_rows(L, 2, mask) / (2 * L)
+    summary["s2-naive-three-pass"]["floor_ratio"] = block_rows(L, 2, mask, reuse_prefix=False) / (2 * L)
     if graphs is not None:
         print(f"\nblock graphs: {graphs.stats.as_dict()}")
     del model
     torch.cuda.empty_cache()
+
+
+# The launch-bound regime: where a step costs per block call, separate sub-network lanes cost a call per block they
+# run, joined ones none; fork_mode "auto" (the default) should pick the faster within its memory bound.
+LAUNCH_CASES = [("sd3", 512), ("sd3", 1024), ("flux", 512)]
+
+
+@pytest.mark.parametrize("name,side", LAUNCH_CASES)
+def test_fork_modes_by_image_size(interleaved, name, side):
+    """Whole calls at ``side``²: stock CFG, s2fast CFG, and S² with fork_mode separate, join and auto (the same
+    masks), with each case's peak memory and both floors (block rows, block calls) of the masks drawn. Targets:
+    S² with "auto" ≤ 1.15 × stock CFG where calls dominate, its peak ≤ stock + 10 % where "separate" meets it."""
+    torch.set_grad_enabled(False)
+    pipe, kw = _pipeline(name)
+    kw = dict(kw, height=side, width=side)
+    s2 = S2Config(omega=0.25, seed=0)
+    stock = type(pipe)(**pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    setups = {
+        "stock-cfg": lambda: s2fast.unwrap(pipe),
+        "s2fast-cfg": lambda: s2fast.wrap(pipe, s2.replace(omega=0.0)),
+        "s2-separate": lambda: s2fast.wrap(pipe, s2.replace(fork_mode="separate")),
+        "s2-join": lambda: s2fast.wrap(pipe, s2.replace(fork_mode="join")),
+        "s2-auto": lambda: s2fast.wrap(pipe, s2),
+    }
+    cases, peaks = {}, {}
+    for case_name, setup in setups.items():
+        is_stock = case_name == "stock-cfg"
+        cases[case_name], peaks[case_name] = _case(stock if is_stock else pipe, kw, setup, first_peak_only=is_stock)
+    cases["stock-cfg"]()  # the clean first call: stock's peak before any s2fast graphs exist
+    summary = interleaved(f"{name} {side}² {STEPS} steps bf16, fork modes", cases, "stock-cfg", ROUNDS,
+                          self_timed=True)
+    s2fast.wrap(pipe, s2)
+    pipe(**kw)
+    masks = s2fast.trace(pipe)
+    chosen = s2fast.api._controller(pipe)._run.memo.get(("fork_mode", id(pipe.transformer)), "separate")
+    s2fast.unwrap(pipe)
+    blocks = len(pipe.transformer.transformer_blocks) + len(getattr(pipe.transformer, "single_transformer_blocks", []))
+    steps = [(m,) if m else () for m in masks]
+    floor = sum(block_rows(blocks, 2, s) for s in steps) / (2 * blocks * STEPS)
+    separate_calls = sum(blocks + sum(blocks - min(m) - len(m) for m in s) for s in steps) / (blocks * STEPS)
+    for case_name, r in summary.items():
+        r["peak_MiB"] = peaks[case_name]["MiB"]
+        r["reserved_MiB"] = peaks[case_name]["reserved_MiB"]
+        if case_name.startswith("s2-"):
+            r["floor_ratio"] = floor
+            mode = case_name[3:] if case_name != "s2-auto" else chosen
+            r["call_floor"] = separate_calls if mode == "separate" else 1.0
+            r["joined"] = float(mode == "join")
+    print(f"\n{name} {side}²: auto chose {chosen!r}; block-row floor {floor:.3f}, separate's call floor "
+          f"{separate_calls:.3f}")

@@ -341,6 +341,19 @@ def test_bench_table_has_every_case(tmp_path, capsys):
     assert result["s2_difference"] < 1e-5 < result["s2_effect"]
 
 
+def test_bench_times_sgg_where_its_blocks_exist(capsys):
+    assert cli("bench", "digits", "--steps", "4", "--rounds", "1", "--skip-blocks", "2,3") == 0
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if line.startswith("s2fast SGG")]
+    # CFG on steps 0-1 (12 rows each), cond + skip rows from block 2 less 2 blocks on steps 2-3 (6 + 2): 40 of 48
+    from s2fast.cli.bench import sgg_floor
+
+    args = type("Args", (), {"skip_blocks": (2, 3), "skip_scale": 3.0, "steps": 4})()
+    assert sgg_floor(args, 6) == pytest.approx(40 / 48)
+    assert cli("bench", "digits", "--steps", "3", "--rounds", "1") == 0  # 7,8,9: no such blocks, no SGG row
+    assert "s2fast SGG" not in capsys.readouterr().out
+
+
 def test_bench_refuses_too_few_steps(capsys):
     assert cli("bench", "digits", "--steps", "2") == 1
     (line,) = error_lines(capsys.readouterr().err)
@@ -374,3 +387,32 @@ def test_method_cfg_alone_is_the_stock_pipeline(tmp_path):
 
     stock = load_default_pipeline()([5], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     np.testing.assert_array_equal(png(out / "00000-5.png"), np.asarray(stock.convert("RGB")))
+
+
+def test_method_sgg_matches_the_library(tmp_path):
+    out = tmp_path / "out"
+    assert cli("generate", "digits", "--prompt", "4", "--steps", "4", "--method", "sgg", "--skip-blocks", "2,3",
+               "--skip-scale", "2", "--out", out) == 0
+    run = run_json(out)
+    assert run["settings"]["method"] == "sgg" and run["settings"]["skip_blocks"] == [2, 3]
+    record = run["images"][0]
+    from s2fast.digits import load_default_pipeline
+
+    pipe = load_default_pipeline()
+    s2fast.wrap(pipe, s2fast.SGGConfig(skip_blocks=(2, 3), skip_scale=2.0))
+    image = pipe([4], num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    # CFG on steps 0-1, the skip pass on steps 2-3: the trace names the skipped blocks where it ran
+    assert record["runs"]["sgg"]["trace"] == [list(m) for m in s2fast.trace(pipe)] == [[], [], [2, 3], [2, 3]]
+    np.testing.assert_array_equal(png(out / record["files"]["sgg"]), np.asarray(image.convert("RGB")))
+    # a resumed run with the same settings finds the image done (the file is not rewritten)
+    written = os.path.getmtime(out / record["files"]["sgg"])
+    assert cli("generate", "digits", "--prompt", "4", "--steps", "4", "--method", "sgg", "--skip-blocks", "2,3",
+               "--skip-scale", "2", "--out", out) == 0
+    assert os.path.getmtime(out / record["files"]["sgg"]) == written
+
+
+def test_method_sgg_with_blocks_the_model_lacks_is_one_line(tmp_path, capsys):
+    # the default skip blocks 7,8,9 are SD3-medium's; the digits DiT has 6 blocks
+    assert cli("generate", "digits", "--prompt", "4", "--steps", "2", "--method", "sgg", "--out", tmp_path) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "--method sgg" in line and "skip_blocks" in line

@@ -203,7 +203,7 @@ def _blocks(pipe):
 def test_rows_per_step_follow_the_plan(fam, case, cfg):
     """No uncond rows outside cfg_window; the skip rows start at min(skip_blocks) and skip skip_blocks."""
     settings = fam.settings(**CASES[case])
-    s2fast.wrap(fam.pipe, settings.as_config())
+    s2fast.wrap(fam.pipe, settings.as_config(fork_mode="separate"))  # the lanes counted below are separate ones
     calls = BlockCalls(_blocks(fam.pipe))
     try:
         fam(cfg=cfg)

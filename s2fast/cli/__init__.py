@@ -55,6 +55,16 @@ def _finite(minimum: float, strict: bool):
     return parse
 
 
+def _blocks(text: str) -> tuple:
+    try:
+        blocks = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices separated by commas, e.g. 7,8,9, got {text!r}") from None
+    if any(b < 0 for b in blocks):
+        raise argparse.ArgumentTypeError(f"block indices must be ≥ 0, got {text}")
+    return blocks
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="a local diffusers pipeline folder, a hub id (e.g. stabilityai/stable-diffusion-3.5-medium), "
@@ -76,6 +86,10 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--omega", type=_finite(0, False), default=0.25, help="S² scale ω (default 0.25, the paper's)")
     p.add_argument("--drop-ratio", type=_finite(0, True), default=0.1,
                    help="fraction of blocks each S² sub-network skips (default 0.1)")
+    p.add_argument("--skip-blocks", type=_blocks, default=(7, 8, 9),
+                   help="SGG: the blocks its skip pass skips, comma-separated (default 7,8,9, SD3-medium's)")
+    p.add_argument("--skip-scale", type=_finite(-math.inf, False), default=3.0,
+                   help="SGG: the scale of its skip term (default 3.0)")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="denoising steps (generate: the pipeline's default; bench: 10)")
     p.add_argument("--guidance", type=_finite(0, False), default=None,

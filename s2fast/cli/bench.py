@@ -2,7 +2,8 @@
 
 Times four ways of sampling the same prompt from the same noise: stock CFG (the pipeline as diffusers ships it),
 s2fast CFG (wrapped with ω = 0: s2fast's path, no sub-network), naive three-pass S² (one more stock forward per
-step on the cond rows with the masked blocks skipped, s2fast/reference.py) and s2fast S² (same masks). The cases
+step on the cond rows with the masked blocks skipped, s2fast/reference.py) and s2fast S² (same masks), and s2fast
+SGG (``--skip-blocks``, ``--skip-scale``) where the model has the blocks it skips. The cases
 run in interleaved rounds in a shuffled order (s2fast/timing.py), a case's time is the median step of its call
 (the first step, which pays the call's set-up, left out), and a ratio is the median over rounds of the ratio within
 a round. The block-row floor is the block calls per step the masks drawn require, relative to CFG's; with the
@@ -29,14 +30,14 @@ from s2fast.reference import wrap_three_pass
 from s2fast.timing import InterleavedRounds, block_share, step_floor, timing_warning
 
 from .errors import UserError
-from .methods import s2_config
+from .methods import s2_config, sgg_config
 from .models import family_of, load_pipeline, resolve_device, resolve_dtype, sibling
 from .runtime import StepClock, device_record, versions
 
 BASELINE = "stock CFG"
 
 
-def cases(pipe, args) -> Dict[str, tuple]:
+def cases(pipe, args, num_blocks: Optional[int] = None) -> Dict[str, tuple]:
     """The compared cases: name -> (the pipeline it calls, its set-up). One more method is one more entry.
 
     Stock CFG calls a sibling pipeline over the same models (a pipeline that is not wrapped gets the stock
@@ -50,7 +51,20 @@ def cases(pipe, args) -> Dict[str, tuple]:
         "s2fast CFG": (pipe, lambda: s2fast.wrap(pipe, dataclasses.replace(config, omega=0.0))),  # no sub-network
         "naive three-pass S²": (pipe, lambda: wrap_three_pass(pipe, config)),
         "s2fast S²": (pipe, lambda: s2fast.wrap(pipe, config)),
+        # SGG where its skip blocks exist in this model (the default 7,8,9 are SD3-medium's)
+        **({"s2fast SGG": (pipe, lambda: s2fast.wrap(pipe, sgg_config(args)))}
+           if num_blocks is not None and max(args.skip_blocks) < num_blocks else {}),
     }
+
+
+def sgg_floor(args, num_blocks: int) -> float:
+    """SGG's block rows per sample relative to CFG's: the cond rows at every step, the uncond rows inside its CFG
+    window, and the skip rows from their fork (the first skipped block) where skip guidance applies."""
+    from s2fast import plan
+
+    steps = plan.guidance_steps(sgg_config(args), args.steps, num_blocks)
+    rows = sum((2 if g.uncond else 1) * num_blocks + sum(num_blocks - min(m) - len(m) for m in g.subnets) for g in steps)
+    return rows / (2 * num_blocks * args.steps)
 
 
 class GpuSampler:
@@ -118,7 +132,7 @@ def run(args) -> Dict:
     from s2fast.adapters import adapter_for
 
     blocks = adapter_for(pipe).blocks(pipe.transformer)
-    setups = cases(pipe, args)
+    setups = cases(pipe, args, len(blocks))
     sampler = GpuSampler(device)
     peaks: Dict[str, float] = {}
     gpu: Dict[str, List[Dict]] = {name: [] for name in setups}
@@ -180,6 +194,8 @@ def run(args) -> Dict:
     floors = {BASELINE: 1.0, "s2fast CFG": 1.0,
               "naive three-pass S²": sum(block_rows(num_blocks, 2, s, reuse_prefix=False) for s in step_masks) / cfg_rows,
               "s2fast S²": sum(block_rows(num_blocks, 2, s) for s in step_masks) / cfg_rows}
+    if "s2fast SGG" in setups:
+        floors["s2fast SGG"] = sgg_floor(args, num_blocks)
     rows = {}
     for name in setups:
         ratios = timer.ratios(name, BASELINE)

@@ -27,8 +27,8 @@ from .methods import METHODS
 from .models import family_of, load_pipeline, resolve_device, resolve_dtype, sibling
 from .runtime import Processes, StepClock, device_record, versions
 
-SETTINGS = ("model", "method", "compare", "omega", "drop_ratio", "steps", "guidance", "seed", "negative_prompt",
-            "height", "width", "frames", "dtype", "offload")
+SETTINGS = ("model", "method", "compare", "omega", "drop_ratio", "skip_blocks", "skip_scale", "steps", "guidance", "seed",
+            "negative_prompt", "height", "width", "frames", "dtype", "offload")
 
 
 @dataclass
@@ -80,6 +80,7 @@ def run(args) -> None:
     torch.set_grad_enabled(False)
 
     settings = {name: getattr(args, name) for name in SETTINGS}
+    settings["skip_blocks"] = list(args.skip_blocks)  # as JSON stores it: a resumed run compares equal
     settings.update(guidance=family.guidance(pipe, args), steps=family.steps(pipe, args), pipeline=type(pipe).__name__,
                     dtype=str(dtype).replace("torch.", ""))  # the values used, not "auto" or "the pipeline's"
     jobs = [Job(i, p, args.seed + i, f"{i:05d}-{_slug(p)}") for i, p in enumerate(prompts)]
@@ -147,8 +148,16 @@ def method_pipelines(pipe, methods: List[str], args) -> Dict:
         return {m: pipe for m in methods}
     pipes = {m: (pipe if m == methods[-1] else sibling(pipe)) for m in methods}
     for m, p in pipes.items():
-        METHODS[m].attach(p, args)
+        attach(m, p, args)
     return pipes
+
+
+def attach(method: str, pipe, args) -> None:
+    """Set ``pipe`` up for ``method``; a config the model cannot serve (SGG's blocks beyond its depth) is one line."""
+    try:
+        METHODS[method].attach(pipe, args)
+    except ValueError as e:
+        raise UserError(f"--method {method}: {str(e).strip().splitlines()[0]}") from None
 
 
 def _generate(pipes: Dict, family, args, job: Job, methods: List[str], settings: Dict, device, processes) -> None:
@@ -160,7 +169,7 @@ def _generate(pipes: Dict, family, args, job: Job, methods: List[str], settings:
     for method in methods:
         pipe = pipes[method]
         if args.offload:  # one pipeline for every method (see method_pipelines): set it up for this one
-            METHODS[method].attach(pipe, args)
+            attach(method, pipe, args)
         clock = StepClock(pipe, device)
         generator = torch.Generator(device="cpu").manual_seed(job.seed)  # the same noise for every method
         try:

@@ -38,7 +38,23 @@ def s2_config(args):
     return S2Config(omega=args.omega, drop_ratio=args.drop_ratio, seed=args.seed)
 
 
+def _sgg(pipe, args) -> None:
+    import s2fast
+
+    s2fast.wrap(pipe, sgg_config(args))
+
+
+def sgg_config(args):
+    """The SGGConfig the options ask for (the skip blocks and scale; the windows at their defaults: CFG on the
+    first half of the steps, skip-layer guidance on the second)."""
+    from s2fast import SGGConfig
+
+    return SGGConfig(skip_blocks=args.skip_blocks, skip_scale=args.skip_scale)
+
+
 METHODS: Dict[str, Method] = {
     "cfg": Method("cfg", "CFG", "classifier-free guidance, the stock pipeline", _stock),
     "s2": Method("s2", "S2", "S²-Guidance through s2fast.wrap (ω = --omega)", _s2),
+    "sgg": Method("sgg", "SGG", "segmented guidance: CFG on the first half of the steps, skip-layer guidance "
+                  "(--skip-blocks, --skip-scale) on the second", _sgg),
 }
