@@ -19,7 +19,7 @@ from s2fast.timing import InterleavedRounds
 RESULTS = {}  # group -> {"baseline": case, "cases": {case: {...}}}
 # extra per-case numbers the summary prints; "floor_ratio" (the block-row floor over CFG) fills the floor columns
 _MORE = ("speedup", "GB/s", "of_copy", "copy_GB/s", "peak_MiB", "reserved_MiB", "graph_pool_MiB", "static_MiB",
-         "MiB_each", "call_floor", "joined")
+         "MiB_each", "call_floor", "joined", "ratio_lo", "ratio_hi")
 
 
 def environment():
@@ -59,7 +59,9 @@ def interleaved(benchmark):
         benchmark.group = group
         benchmark.pedantic(timer.run_round, rounds=rounds, iterations=1)
         summary = {
-            name: {"median_s": timer.median(name), "ratio": timer.ratio(name, baseline), **(extra or {}).get(name, {})}
+            name: {"median_s": timer.median(name), "ratio": timer.ratio(name, baseline),
+                   "ratio_lo": min(timer.ratios(name, baseline)), "ratio_hi": max(timer.ratios(name, baseline)),
+                   **(extra or {}).get(name, {})}
             for name in cases
         }
         benchmark.extra_info.update(environment(), cases=summary, rounds=rounds)
