@@ -31,7 +31,7 @@ from s2fast.timing import InterleavedRounds, block_share, step_floor, timing_war
 
 from .errors import UserError
 from .methods import s2_config, sgg_config
-from .models import family_of, load_pipeline, resolve_device, resolve_dtype, sibling
+from .models import load_pipeline, resolve_device, resolve_dtype, sibling
 from .runtime import StepClock, device_record, versions
 
 BASELINE = "stock CFG"
@@ -120,13 +120,9 @@ def run(args) -> Dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, dtype)
-    family = family_of(pipe)
-    family.check_options(pipe, args)
-    from .generate import place
+    from .generate import prepare
 
-    place(pipe, device, args.offload)
-    pipe.set_progress_bar_config(disable=True)
-    torch.set_grad_enabled(False)
+    family = prepare(pipe, args, device)
     prompt = args.prompt if args.prompt is not None else family.default_prompt
     kwargs = family.call_kwargs(pipe, args, prompt)
     from s2fast.adapters import adapter_for

@@ -73,11 +73,7 @@ def run(args) -> None:
     dtype = resolve_dtype(args.dtype, device)
     with processes.main_first():
         pipe = load_pipeline(args.model, dtype)
-    family = family_of(pipe)
-    family.check_options(pipe, args)
-    place(pipe, device, args.offload)
-    pipe.set_progress_bar_config(disable=True)
-    torch.set_grad_enabled(False)
+    family = prepare(pipe, args, device)
 
     settings = {name: getattr(args, name) for name in SETTINGS}
     settings["skip_blocks"] = list(args.skip_blocks)  # as JSON stores it: a resumed run compares equal
@@ -112,6 +108,17 @@ def run(args) -> None:
     if processes.is_main:
         _write_run_json(args, jobs, settings, device, dtype, processes)
         print(f"s2fast: {args.out} holds the images of {len(jobs)} prompt{'s' if len(jobs) > 1 else ''} and run.json")
+
+
+def prepare(pipe, args, device: torch.device):
+    """Check the options against ``pipe``'s family, put it on ``device`` (or under offload), quiet its progress bar
+    and turn autograd off; returns the family (generate and bench share this set-up)."""
+    family = family_of(pipe)
+    family.check_options(pipe, args)
+    place(pipe, device, args.offload)
+    pipe.set_progress_bar_config(disable=True)
+    torch.set_grad_enabled(False)
+    return family
 
 
 def place(pipe, device: torch.device, offload: Optional[str]) -> None:
