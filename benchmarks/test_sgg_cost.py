@@ -39,16 +39,7 @@ def setup():
     torch.set_grad_enabled(False)
     pipe = tiny.sd3_pipeline(SHAPE, with_vae=False)
     model, adapter = pipe.transformer, SD3Adapter()
-    emb = tiny.embeddings(SHAPE)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, SHAPE.latent_size, SHAPE.latent_size, generator=g)
-    stacked = dict(
-        hidden_states=torch.cat([x, x]), timestep=torch.tensor([500.0]).expand(2),
-        encoder_hidden_states=torch.cat([emb["negative_prompt_embeds"], emb["prompt_embeds"]]),
-        pooled_projections=torch.cat([emb["negative_pooled_prompt_embeds"], emb["pooled_prompt_embeds"]]),
-        joint_attention_kwargs=None,
-    )
-    rows = BranchRows(adapter.batched_inputs, 2, stacked=stacked)
+    rows = BranchRows(adapter.batched_inputs, 2, stacked=tiny.sd3_step_inputs(SHAPE))
     yield model, adapter, rows
     torch.set_grad_enabled(True)
 

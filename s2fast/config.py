@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional, Sequence, Tuple, Union
 
 # One sub-network: the sorted block indices it drops.
@@ -20,8 +20,53 @@ MAX_NUM_MASKS = 64  # naive S² averages N sub-networks, one more pass each: a b
 ATTENTION = ("default", "fastest", "flash", "efficient", "cudnn", "math")  # s2fast/attention.py
 
 
-@dataclass(frozen=True)
-class S2Config:
+@dataclass(frozen=True, kw_only=True)
+class EngineSettings:
+    """How the engine runs the rows, shared by every guidance config (S2Config documents each field): one place
+    for the defaults and for what each accepts, so S2Config and SGGConfig cannot drift apart. Keyword-only, so a
+    config's own fields keep their positions."""
+
+    batch_branches: bool = True
+    reuse_prefix: bool = True
+    fork_mode: str = "auto"
+    fused_step: Union[str, bool] = "auto"
+    step_mode: str = "fp32"
+    cuda_graphs: Union[str, bool] = "auto"
+    attention: str = "default"
+    compile_blocks: Optional[str] = None
+
+    def _check_engine(self) -> None:
+        """Validate the engine fields (ValueError naming ``<Config>.<field>``); numpy bools become bools."""
+        owner = type(self).__name__
+        for name in ("batch_branches", "reuse_prefix"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))):
+                raise ValueError(f"{owner}.{name} must be a bool, got {value!r}")
+            object.__setattr__(self, name, bool(value))
+        if self.fork_mode not in FORK_MODES:
+            raise ValueError(f"{owner}.fork_mode must be one of {FORK_MODES}, got {self.fork_mode!r}")
+        if not (self.fused_step is True or self.fused_step is False or self.fused_step == "auto"):
+            raise ValueError(f"{owner}.fused_step must be 'auto', True or False, got {self.fused_step!r}")
+        if not (self.cuda_graphs is True or self.cuda_graphs is False or self.cuda_graphs == "auto"):
+            raise ValueError(f"{owner}.cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
+        if self.compile_blocks is not None and (not isinstance(self.compile_blocks, str) or not self.compile_blocks):
+            raise ValueError(f"{owner}.compile_blocks must be None or a torch.compile backend name such as "
+                             f"'inductor', got {self.compile_blocks!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"{owner}.attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.step_mode not in STEP_MODES:
+            raise ValueError(f"{owner}.step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
+
+    def __repr__(self) -> str:  # the method's own fields first, then the engine's (dataclass order is base first)
+        names = [f.name for f in fields(self) if f.name not in ENGINE_FIELDS] + list(ENGINE_FIELDS)
+        return f"{type(self).__name__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in names) + ")"
+
+
+ENGINE_FIELDS = tuple(f.name for f in fields(EngineSettings))
+
+
+@dataclass(frozen=True, repr=False)
+class S2Config(EngineSettings):
     """Options of S²-Guidance (Chen et al. 2025, arXiv 2508.12880) for :func:`s2fast.wrap`.
 
     Per denoising step, with the pipeline's own guidance scale λ::
@@ -113,14 +158,6 @@ class S2Config:
     interval: Tuple[float, float] = (0.0, 1.0)
     seed: Optional[int] = None
     masks: Optional[Tuple[StepMasks, ...]] = None
-    batch_branches: bool = True
-    reuse_prefix: bool = True
-    fork_mode: str = "auto"
-    fused_step: Union[str, bool] = "auto"
-    step_mode: str = "fp32"
-    cuda_graphs: Union[str, bool] = "auto"
-    attention: str = "default"
-    compile_blocks: Optional[str] = None
 
     def __post_init__(self) -> None:
         # numpy scalars are accepted wherever Python numbers are, and stored as Python numbers (hashable, printable,
@@ -143,24 +180,7 @@ class S2Config:
             raise ValueError(f"S2Config.seed must be an integer or None, got {self.seed!r}")
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
-        for name in ("batch_branches", "reuse_prefix"):
-            value = getattr(self, name)
-            if not (isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))):
-                raise ValueError(f"S2Config.{name} must be a bool, got {value!r}")
-            object.__setattr__(self, name, bool(value))
-        if self.fork_mode not in FORK_MODES:
-            raise ValueError(f"S2Config.fork_mode must be one of {FORK_MODES}, got {self.fork_mode!r}")
-        if not (self.fused_step is True or self.fused_step is False or self.fused_step == "auto"):
-            raise ValueError(f"S2Config.fused_step must be 'auto', True or False, got {self.fused_step!r}")
-        if not (self.cuda_graphs is True or self.cuda_graphs is False or self.cuda_graphs == "auto"):
-            raise ValueError(f"S2Config.cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
-        if self.compile_blocks is not None and (not isinstance(self.compile_blocks, str) or not self.compile_blocks):
-            raise ValueError(f"S2Config.compile_blocks must be None or a torch.compile backend name such as "
-                             f"'inductor', got {self.compile_blocks!r}")
-        if self.attention not in ATTENTION:
-            raise ValueError(f"S2Config.attention must be one of {ATTENTION}, got {self.attention!r}")
-        if self.step_mode not in STEP_MODES:
-            raise ValueError(f"S2Config.step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
+        self._check_engine()
         if self.masks is not None:
             if self.interval != (0.0, 1.0):
                 raise ValueError(

@@ -8,20 +8,17 @@ not) and which scales combine them; the engine (s2fast/engine.py) and the adapte
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
-from .config import S2Config, _as_sequence, _index_tuple, _real, _short
+from .config import EngineSettings, _as_sequence, _index_tuple, _real, _short
 from .masks import in_interval
 from .plan import StepGuidance
 
 SCHEDULES = ("constant", "linear")
-# The options SGGConfig shares with S2Config: how the engine runs the rows, not which rows (S2Config documents them).
-ENGINE_FIELDS = ("batch_branches", "reuse_prefix", "fork_mode", "fused_step", "step_mode", "cuda_graphs", "attention",
-                 "compile_blocks")
 
 
-@dataclass(frozen=True)
-class SGGConfig:
+@dataclass(frozen=True, repr=False)
+class SGGConfig(EngineSettings):
     """Options of segmented guidance for :func:`s2fast.wrap` (used like :class:`s2fast.S2Config`).
 
     Per denoising step ``i`` of ``N``, with the pipeline's own guidance scale λ (a window ``(a, b)`` holds the steps
@@ -66,14 +63,6 @@ class SGGConfig:
     cfg_delta: float = 0.0
     skip_schedule: str = "constant"
     skip_delta: float = 0.0
-    batch_branches: bool = True
-    reuse_prefix: bool = True
-    fork_mode: str = "auto"
-    fused_step: Union[str, bool] = "auto"
-    step_mode: str = "fp32"
-    cuda_graphs: Union[str, bool] = "auto"
-    attention: str = "default"
-    compile_blocks: Optional[str] = None
 
     def __post_init__(self) -> None:
         # Every check runs before any field is normalised: a ValueError leaves nothing half-built behind.
@@ -87,8 +76,8 @@ class SGGConfig:
             "skip_schedule": _schedule("skip_schedule", self.skip_schedule),
             "skip_delta": _number("skip_delta", self.skip_delta),
         }
-        engine = _engine_options({name: getattr(self, name) for name in ENGINE_FIELDS})
-        for name, value in {**values, **engine}.items():
+        self._check_engine()
+        for name, value in values.items():
             object.__setattr__(self, name, value)
 
     def replace(self, **changes) -> "SGGConfig":
@@ -176,12 +165,4 @@ def _schedule(name: str, x) -> str:
         raise ValueError(f"SGGConfig.{name} must be one of {SCHEDULES}, got {_short(x)}")
     return x
 
-
-def _engine_options(options: dict) -> dict:
-    """The engine options, validated by S2Config's own checks (one definition of what each accepts)."""
-    try:
-        checked = S2Config(**options)
-    except ValueError as e:
-        raise ValueError(str(e).replace("S2Config.", "SGGConfig.")) from None
-    return {name: getattr(checked, name) for name in options}
 

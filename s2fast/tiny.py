@@ -79,6 +79,19 @@ def embeddings(shape, batch: int = 1, *, seed: int = 1, dtype=torch.float32) -> 
     )
 
 
+def sd3_step_inputs(shape: SD3Shape, *, seed: int = 0, timestep: float = 500.0) -> Dict:
+    """The keyword inputs of one batched [uncond, cond] SD3 transformer call for ``shape`` (random latents fixed by
+    ``seed``, the embeddings of ``embeddings``): what the step benchmarks time the forward and the engine on."""
+    emb = embeddings(shape)
+    x = torch.randn(1, 16, shape.latent_size, shape.latent_size, generator=torch.Generator().manual_seed(seed))
+    return dict(
+        hidden_states=torch.cat([x, x]), timestep=torch.tensor([timestep]).expand(2),
+        encoder_hidden_states=torch.cat([emb["negative_prompt_embeds"], emb["prompt_embeds"]]),
+        pooled_projections=torch.cat([emb["negative_pooled_prompt_embeds"], emb["pooled_prompt_embeds"]]),
+        joint_attention_kwargs=None,
+    )
+
+
 def image_size(pipe, shape) -> Dict[str, int]:
     """height and width arguments that give latents of ``shape.latent_size``."""
     side = shape.latent_size * pipe.vae_scale_factor
