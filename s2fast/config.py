@@ -113,7 +113,8 @@ class S2Config(EngineSettings):
             costs memory where it costs per row. ``"auto"`` (default) times one prediction in each mode at the
             first step of each input shape (before any graph capture) and joins only when that is at least 5 %
             faster and the extra working set stays under 10 % of the weights; the choice is logged and kept for
-            the model (s2fast/fork_choice.py). Results of the two modes differ by batch-size rounding (~1e-6
+            the process, per architecture and input shape, so copies of a model choose alike
+            (s2fast/fork_choice.py). Results of the two modes differ by batch-size rounding (~1e-6
             relative in fp32): force a mode where runs in different processes must agree bit for bit.
         fused_step: compute the guidance combination and the FlowMatchEulerDiscreteScheduler update in one kernel
             (s2fast.kernels.guided_flow_step) instead of ten elementwise torch ops; the scheduler's ``step``

@@ -18,8 +18,9 @@ So "auto" decides per model and input shape, at the first step that can run a su
 2. time, measured: one prediction in each mode, interleaved, best of ``ROUNDS`` after a warm-up, eagerly and
    before any block graph is captured; "join" when it is at least ``JOIN_MARGIN`` faster, else "separate"
    (which keeps SD3's [uncond, cond] rows bit-identical to the stock batched forward).
-The choice is logged once with its numbers and kept for as long as the model exists (across wraps and
-unwraps), so a process samples reproducibly. Another process may choose differently where the two modes time
+The choice is logged once with its numbers and kept for the process, per architecture (class, config, device,
+dtype) and input shape: every wrap of a model, and every copy of it, samples with the same choice, so a process
+samples reproducibly. Another process may choose differently where the two modes time
 within the margin of each other, and their results differ by batch-size rounding (~1e-6 relative in fp32):
 force ``fork_mode`` where runs in different processes must agree bit for bit.
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -44,8 +44,9 @@ WORKING_SET = 12
 
 Timer = Callable[[Callable[[], object], torch.device], float]
 
-# model -> {input key: mode}, for the model's lifetime: every wrap of it samples with the same choice
-_CHOSEN: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[Tuple, str]]" = weakref.WeakKeyDictionary()
+# (architecture, input key) -> mode, for the process: every wrap of a model, and every copy of it (deepcopy,
+# pickle, the same checkpoint loaded twice), samples with the same choice
+_CHOSEN: Dict[Tuple, str] = {}
 
 
 def join_extra_bytes(row_bytes: int, rows_per_branch: int, num_masks: int) -> int:
@@ -85,9 +86,9 @@ def faster(times: Dict[str, float]) -> str:
 def fork_mode_for(model, key: Tuple, run: Callable[[str], object], row_bytes: int, rows_per_branch: int,
                   num_masks: int, timer: Optional[Timer] = None) -> str:
     """The mode "auto" runs ``model`` with at inputs ``key`` (``run(mode)``: one prediction in that mode)."""
-    chosen = _CHOSEN.setdefault(model, {})
-    if key in chosen:
-        return chosen[key]
+    known = (architecture(model), key)
+    if known in _CHOSEN:
+        return _CHOSEN[known]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     extra = join_extra_bytes(row_bytes, rows_per_branch, num_masks)
     if not join_fits(row_bytes, rows_per_branch, num_masks, weight_bytes):
@@ -100,10 +101,19 @@ def fork_mode_for(model, key: Tuple, run: Callable[[str], object], row_bytes: in
         mode = faster(times)
         why = (f"one prediction: join {times['join'] * 1e3:.3g} ms, separate {times['separate'] * 1e3:.3g} ms; "
                f"join is chosen when {JOIN_MARGIN:.0%} faster")
-    chosen[key] = mode
+    _CHOSEN[known] = mode
     logger.info("s2fast: fork_mode='auto' chose %r for %s at %s (%s)", mode, type(model).__name__,
                 _describe(key), why)
     return mode
+
+
+def architecture(model) -> Tuple:
+    """What the timing depends on: the model's class and config (diffusers' ``model.config``), and the device and
+    dtype of its weights; not the weights' values. Copies of a model share it."""
+    config = getattr(model, "config", None)
+    items = tuple(sorted((str(k), repr(v)) for k, v in dict(config).items())) if config is not None else ()
+    weight = next(model.parameters())
+    return (type(model).__qualname__, items, str(weight.device), weight.dtype)
 
 
 def _describe(key: Tuple) -> str:

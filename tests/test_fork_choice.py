@@ -4,8 +4,8 @@ must fit memory (its extra working set at most 10 % of the weights, decided from
 pipeline then runs the mode chosen (bit for bit the forced mode's result), when it measures, and that the two
 modes agree within batch-size rounding."""
 
+import copy
 import logging
-import weakref
 
 import pytest
 import torch
@@ -71,7 +71,7 @@ def measured(monkeypatch):
         return dict(Measured.times)
 
     monkeypatch.setattr(fork_choice, "time_modes", time_modes)
-    monkeypatch.setattr(fork_choice, "_CHOSEN", weakref.WeakKeyDictionary())  # no choice kept from other tests
+    monkeypatch.setattr(fork_choice, "_CHOSEN", {})  # no choice kept from other tests
     monkeypatch.setattr(fork_choice, "MEMORY_SHARE", 1e9)  # the tiny test models' rows are large next to their
     return Measured                                           # weights: here the clock decides
 
@@ -103,7 +103,7 @@ def test_a_join_over_the_memory_share_is_not_timed(family, measured, monkeypatch
     assert torch.equal(auto, _run(family, config.replace(fork_mode="separate")))
 
 
-def test_the_choice_is_kept_for_the_model_across_wraps(family, measured):
+def test_the_choice_is_kept_across_wraps_and_copies(family, measured):
     _run(family, S2Config(omega=0.5, seed=0))
     _run(family, S2Config(omega=0.25, seed=1))  # another config, the same model and inputs
     s2fast.unwrap(family.pipe)
@@ -111,6 +111,8 @@ def test_the_choice_is_kept_for_the_model_across_wraps(family, measured):
     assert measured.calls == 1
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast does not change the sizes the rule reads
         _run(family, S2Config(omega=0.5, seed=0))
+    copied = copy.deepcopy(family.pipe)  # another model object of the same architecture: the same choice
+    copied(**family.kwargs())
     assert measured.calls == 1
 
 
