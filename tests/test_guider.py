@@ -326,3 +326,31 @@ def test_sgg_round_trip_and_swap_back(case, tmp_path):
     stock = case(ClassifierFreeGuidance(guidance_scale=LAM))
     _clean(case.model)
     assert torch.equal(stock, case(ClassifierFreeGuidance(guidance_scale=LAM)))
+
+
+# --- a loop that casts every batch ----------------------------------------------------------------------------------
+def test_wan_loop_casts_every_batch():
+    """Wan's modular loop casts each batch's fields, the latents and the timestep to the transformer's dtype before
+    the call, so no argument is the tensor the guider prepared. With a bf16 transformer, bf16 prompt and fp32
+    negative embeddings (cast per batch), S2Guidance at ω = 0 equals ClassifierFreeGuidance to bf16 rounding
+    (atol 5e-2: an ulp of bf16 at the latents' magnitude ~5 is 3e-2; the batched rows may round one ulp apart),
+    and S² (ω = 0.5) moves the result by far more."""
+    from diffusers.modular_pipelines.wan.modular_blocks_wan import WanCoreDenoiseStep
+
+    shape = tiny.WanShape()
+    classic = tiny.wan_pipeline(shape, with_vae=False, dtype=torch.bfloat16)
+    pipe = WanCoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=classic.transformer, scheduler=classic.scheduler)
+    emb = tiny.wan_embeddings(shape)
+    emb["prompt_embeds"] = emb["prompt_embeds"].to(torch.bfloat16)
+    latents = torch.randn(1, 16, shape.latent_frames, shape.latent_size, shape.width,
+                          generator=torch.Generator().manual_seed(0))
+
+    def run(guider):
+        pipe.update_components(guider=guider)
+        return pipe(**emb, latents=latents.clone(), num_inference_steps=STEPS, output="latents")
+
+    stock = run(ClassifierFreeGuidance(guidance_scale=LAM))
+    torch.testing.assert_close(run(_s2(omega=0.0)), stock, rtol=0, atol=5e-2)
+    assert (run(_s2()) - stock).abs().max() > 0.2
+    _clean(classic.transformer)
