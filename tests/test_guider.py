@@ -264,6 +264,10 @@ def test_config_round_trip(case, tmp_path):
     assert loaded.s2fast_config == guider.s2fast_config and loaded.guidance_scale == guider.guidance_scale
     assert torch.equal(case(guider), case(loaded))
     assert loaded.trace() == guider.trace()
+    # the modular pipeline keeps a from_config component as its spec's config: created again from it
+    again = case.pipe.get_component_spec("guider").create()
+    assert type(again) is s2fast.S2Guidance and again.s2fast_config == guider.s2fast_config
+    assert torch.equal(case(again), case(guider))
     copy = guider.new(config=guider.s2fast_config.replace(omega=0.25))
     assert copy.s2fast_config.omega == 0.25 and copy.s2fast_config.num_masks == 2
 
