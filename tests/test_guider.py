@@ -358,3 +358,54 @@ def test_wan_loop_casts_every_batch():
     torch.testing.assert_close(run(_s2(omega=0.0)), stock, rtol=0, atol=5e-2)
     assert (run(_s2()) - stock).abs().max() > 0.2
     _clean(classic.transformer)
+
+
+def test_wan22_one_guider_per_expert():
+    """Wan 2.2's modular loop switches expert and guider at the boundary: each S2Guidance serves its own
+    expert (masks drawn at that expert's block count), and together they equal s2fast.wrap on the classic
+    two-expert pipeline with the same config (λ per expert)."""
+    from diffusers.modular_pipelines.wan.modular_blocks_wan22 import Wan22CoreDenoiseStep
+
+    shape = tiny.WanShape()
+    classic = tiny.wan_pipeline(shape, with_vae=False, experts=2, boundary_ratio=0.85, expert_2_layers=3)
+    pipe = Wan22CoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=classic.transformer, transformer_2=classic.transformer_2,
+                           scheduler=classic.scheduler)
+    pipe.register_to_config(boundary_ratio=0.85)
+    config = s2fast.S2Config(omega=0.5, seed=3, fork_mode="separate", fused_step=False)
+    high, low = s2fast.S2Guidance(LAM, config), s2fast.S2Guidance(3.0, config)
+    pipe.update_components(guider=high, guider_2=low)
+    emb = tiny.wan_embeddings(shape)
+    latents = torch.randn(1, 16, shape.latent_frames, shape.latent_size, shape.width,
+                          generator=torch.Generator().manual_seed(0))
+    out = pipe(**emb, latents=latents.clone(), num_inference_steps=STEPS, output="latents")
+    s2fast.wrap(classic, config)
+    try:
+        expected = classic(**emb, latents=latents.clone(), num_inference_steps=STEPS, guidance_scale=LAM,
+                           guidance_scale_2=3.0, output_type="latent").frames
+        experts = s2fast.trace_denoisers(classic)
+        trace = s2fast.trace(classic)
+    finally:
+        s2fast.unwrap(classic)
+    assert experts == ("transformer", "transformer", "transformer_2", "transformer_2")
+    assert high.trace()[:2] == trace[:2] and low.trace()[2:] == trace[2:]
+    assert high.trace()[2:] == ((), ()) and low.trace()[:2] == ((), ())
+    torch.testing.assert_close(out, expected, **TOL)
+    _clean(classic.transformer)
+    _clean(classic.transformer_2)
+
+
+def test_disabled_is_cond_alone(case):
+    """enabled=False: one batch, D = D_c, as ClassifierFreeGuidance(enabled=False)."""
+    stock = case(ClassifierFreeGuidance(guidance_scale=LAM, enabled=False))
+    torch.testing.assert_close(case(s2fast.S2Guidance(LAM, s2fast.S2Config(omega=0.5), enabled=False)), stock, **TOL)
+
+
+def test_error_at_the_call_leaves_nothing():
+    """An input the engine cannot serve fails at the cond batch's call, naming it, and the hook is gone."""
+    case = Case(ROWS["sd3"])
+    case.pipe.update_components(guider=_s2())
+    with pytest.raises(ValueError, match="IP-Adapter"):
+        case.pipe(**case.emb, latents=case.latents.clone(), num_inference_steps=STEPS, output="latents",
+                  joint_attention_kwargs={"ip_adapter_image_embeds": [torch.zeros(1)]})
+    _clean(case.model)
