@@ -252,6 +252,9 @@ class _EngineGuidance(BaseGuidance):
     def _uncond_inputs(self, family: ModularFamily, cond_inputs: Dict[str, Any]) -> Dict[str, Any]:
         """The cond call's arguments with the fields where the uncond batch differs replaced, as the loop would pass
         them (same dtype and device as its cond argument)."""
+        if len(self._batches) != len(self._names):
+            raise RuntimeError(f"s2fast.{type(self).__name__}: the loop called the transformer without this step's "
+                               "prepare_inputs; the loop is not diffusers' modular loop")
         cond_batch = self._batches[self._names.index(COND)].as_dict()
         uncond_batch = self._batches[self._names.index(UNCOND)].as_dict()
         out = dict(cond_inputs)

@@ -33,8 +33,14 @@ class GuiderForward:
         finally:
             remove(model)
 
-    def __deepcopy__(self, memo):  # a copy of the model mid-batch is a stock model
-        return self.previous
+    def __deepcopy__(self, memo):
+        # a copy of the model mid-batch is a stock model: its own forward (what binding accepts as the model's own)
+        import copy
+
+        model = memo.get(id(self._model()))
+        if self.previous is not None:
+            return copy.deepcopy(self.previous, memo)
+        return None if model is None else types.MethodType(type(model).forward, model)
 
     def __reduce__(self):
         raise TypeError("a transformer cannot be pickled between a guider's prepare_models and its call")
