@@ -409,3 +409,25 @@ def test_error_at_the_call_leaves_nothing():
         case.pipe(**case.emb, latents=case.latents.clone(), num_inference_steps=STEPS, output="latents",
                   joint_attention_kwargs={"ip_adapter_image_embeds": [torch.zeros(1)]})
     _clean(case.model)
+
+
+def test_block_graphs_under_the_guider():
+    """The guider's engine runs through block graphs as wrap's does (CPU stand-in: graphs.EagerBackend): every
+    mask replays the graphs captured at the first step, bit-equal to the eager blocks; release_graphs frees them."""
+    from s2fast import graphs
+
+    case = Case(ROWS["sd3"])
+    config = s2fast.S2Config(omega=0.5, drop_ratio=0.3, seed=5, fork_mode="separate")
+    guider = s2fast.S2Guidance(LAM, config)
+    guider._graph_backend = graphs.EagerBackend()
+    graphed = case(guider)
+    first = guider.graph_stats()
+    again = case(guider)
+    stats = guider.graph_stats()
+    assert torch.equal(graphed, again) and stats["captures"] == first["captures"] and stats["replays"] > 0
+    eager = case(s2fast.S2Guidance(LAM, config.replace(masks=guider.trace())))
+    assert torch.equal(graphed, eager)  # same kernels on copies of the same inputs
+    assert graphs._KEPT.get(case.model)
+    guider.release_graphs()
+    assert not graphs._KEPT.get(case.model) and guider.graph_stats() is None
+    _clean(case.model)

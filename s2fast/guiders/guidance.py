@@ -48,6 +48,7 @@ class _EngineGuidance(BaseGuidance):
 
     _config_class: type = S2Config
     _sub_prediction: str = ""
+    _graph_backend = None  # tests set graphs.EagerBackend() to run the graph bookkeeping on a CPU
 
     def __init__(self, guidance_scale: float, config, start: float, stop: float, enabled: bool):
         name = type(self).__name__
@@ -160,6 +161,25 @@ class _EngineGuidance(BaseGuidance):
         steps = self._run.trace if self._run is not None else []
         return tuple(public_step_form(step, plan.num_masks(self.s2fast_config)) for step in steps)
 
+    def graph_stats(self) -> Optional[Dict[str, int]]:
+        """The block graphs this guider's engine runs (as s2fast.graph_stats reports a wrapped pipeline's); None when
+        graphs are off (cuda_graphs='auto' uses them where the transformer is on a CUDA device)."""
+        stats = [s for s in (c.graph_stats() for c in self._controllers.values()) if s is not None]
+        return {k: sum(s[k] for s in stats) for k in stats[0]} if stats else None
+
+    def release_graphs(self) -> None:
+        """Free the block graphs (and their device memory) kept for this guider's transformers; graphs a pipeline
+        wrapped by s2fast.wrap still uses are kept. Swapping the guider out does not free them: the graphs live as
+        long as the transformer, so that the next call with this guider replays them."""
+        from ..controller import _USERS
+        from ..graphs import release_graphs
+
+        for controller in self._controllers.values():
+            for model in list(controller._models.keys()):
+                if not any(c.active for c in _USERS.get(model, ())):
+                    release_graphs(model)
+        self._controllers.clear()
+
     # --- the step's batches ------------------------------------------------------------------------------------
     def _tuple_index(self, name: str) -> int:
         return 1 if name == UNCOND else 0
@@ -192,7 +212,8 @@ class _EngineGuidance(BaseGuidance):
         adapter_class = family.adapter_class()
         controller = self._controllers.get(adapter_class)
         if controller is None:
-            controller = self._controllers[adapter_class] = Controller(adapter_class(), self.s2fast_config)
+            controller = Controller(adapter_class(), self.s2fast_config, graph_backend=self._graph_backend)
+            self._controllers[adapter_class] = controller
         self.s2fast_config.check_blocks(controller.adapter.num_blocks(model))
         found = binding.incompatible_hooks(model)
         if found:
