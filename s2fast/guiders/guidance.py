@@ -88,10 +88,10 @@ class _EngineGuidance(BaseGuidance):
         return type(self)(**init)
 
     def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:
-        super().set_state(step, num_inference_steps, timestep)
         if num_inference_steps is None:
             raise ValueError(f"s2fast.{type(self).__name__} needs num_inference_steps in set_state (its plan is per "
                              "step of the call)")
+        super().set_state(step, num_inference_steps, timestep)
         run = self._run
         if run is None or run.steps != num_inference_steps or self._last_step is None or step <= self._last_step:
             # A new pipeline call (Wan 2.2's second expert has its own guider, which first sees a later step).
