@@ -431,3 +431,20 @@ def test_block_graphs_under_the_guider():
     guider.release_graphs()
     assert not graphs._KEPT.get(case.model) and guider.graph_stats() is None
     _clean(case.model)
+
+
+def test_after_a_removed_diffusers_hook():
+    """A model-level diffusers hook added and removed leaves its registry and the model's own forward as an
+    instance attribute: the guider serves the model, and leaves that slot as it found it."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    case = Case(ROWS["sd3"])
+    stock = case(ClassifierFreeGuidance(guidance_scale=LAM))
+    registry = HookRegistry.check_if_exists_or_initialize(case.model)
+    registry.register_hook(ModelHook(), "gone")
+    registry.remove_hook("gone")
+    before = case.model.__dict__.get("forward")
+    out = case(_s2(omega=0.0))
+    torch.testing.assert_close(out, stock, **TOL)
+    assert case.model.__dict__.get("forward") is before and not hook.installed(case.model)
+    assert binding.incompatible_hooks(case.model) == []
