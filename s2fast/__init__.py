@@ -7,6 +7,7 @@
     s2fast.unwrap(pipe)        # restores the pipeline exactly
     s2fast.wrap(pipe, s2fast.SGGConfig())   # segmented guidance: CFG, then skip-layer guidance
     s2fast.register_adapter(MyPipeline, MyAdapter)   # teach wrap another pipeline class
+    pipe.update_components(guider=s2fast.S2Guidance(7.0, s2fast.S2Config()))   # a modular pipeline's guider
 
 Importing s2fast is cheap: torch and diffusers are imported when wrap is first used.
 """
@@ -44,7 +45,7 @@ _kernels_of_this_checkout()
 
 __version__ = "0.1.0"
 __all__ = ["S2Config", "SGGConfig", "wrap", "unwrap", "trace", "trace_denoisers", "config_of", "graph_stats",
-           "register_adapter", "__version__"]
+           "register_adapter", "S2Guidance", "SGGGuidance", "__version__"]
 
 
 def __getattr__(name):
@@ -52,6 +53,10 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name in ("S2Guidance", "SGGGuidance"):
+        from . import guiders
+
+        return getattr(guiders, name)
     if name == "register_adapter":
         from .adapters import register_adapter
 

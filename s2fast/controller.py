@@ -322,24 +322,11 @@ class Controller:
         prediction stands in the uncond branch's place for ``respond``."""
         from .kernels import guided_prediction
 
-        self._decide_graphs(model, state)
-        graphs = state.graphs
         rows = request.rows
         with_uncond = rows.count == 2 and guidance.uncond
         if rows.count == 2 and not with_uncond:
             rows = rows.only(request.cond_branch)
-        # the input signature keys graph warm-ups and attention measurements; plain runs skip computing it
-        key = self._input_key(rows) if graphs is not None or self.config.attention == "fastest" else None
-        backend = self._attention_for(model, state, rows, key)
-        with attention_backend(backend):
-            fork_mode = self._fork_mode(model, state, run, rows)
-            if graphs is not None:
-                if ("graphs_checked", id(model)) not in run.memo:  # once per call: weights replaced since? recapture
-                    run.memo[("graphs_checked", id(model))] = True
-                    graphs.check_model(model)
-                graphs.variant = (backend, self.config.compile_blocks)
-                self._warm_up(model, state, rows, key, fork_mode)
-            preds = self.predictor(self.adapter, model, rows, guidance.subnets, self.options(state, fork_mode))
+        preds = self.predictions(model, state, run, rows, guidance.subnets)
         if rows is not request.rows:  # [cond, subs...] -> the request's branches, cond in the uncond slot too
             preds = [preds[0]] * request.rows.count + list(preds[1:])
         part = request.guided_part or (lambda p: p)
@@ -360,6 +347,24 @@ class Controller:
         else:
             d = guided_prediction(cond, uncond, subs, scale, guidance.omega)
         return d, preds
+
+    def predictions(self, model, state: _Denoiser, run: _Run, rows, subnets) -> List[torch.Tensor]:
+        """The engine's predictions of ``rows`` (each branch) and ``subnets`` (each sub-network of the cond branch)
+        under the config's engine options: block graphs, the attention backend and the fork mode decided here."""
+        self._decide_graphs(model, state)
+        graphs = state.graphs
+        # the input signature keys graph warm-ups and attention measurements; plain runs skip computing it
+        key = self._input_key(rows) if graphs is not None or self.config.attention == "fastest" else None
+        backend = self._attention_for(model, state, rows, key)
+        with attention_backend(backend):
+            fork_mode = self._fork_mode(model, state, run, rows)
+            if graphs is not None:
+                if ("graphs_checked", id(model)) not in run.memo:  # once per call: weights replaced since? recapture
+                    run.memo[("graphs_checked", id(model))] = True
+                    graphs.check_model(model)
+                graphs.variant = (backend, self.config.compile_blocks)
+                self._warm_up(model, state, rows, key, fork_mode)
+            return self.predictor(self.adapter, model, rows, subnets, self.options(state, fork_mode))
 
     def _run_for(self, pipe, call_locals: PipelineLocals) -> _Run:
         timesteps = self.adapter.call_schedule(pipe, call_locals)

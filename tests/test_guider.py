@@ -1,0 +1,450 @@
+"""s2fast.S2Guidance and s2fast.SGGGuidance in diffusers' stock modular denoise loops, per supported family.
+
+Each family row (``ROWS``) says how to assemble a tiny modular pipeline from its blocks and tiny components (no
+downloads), how its loop calls the transformer, and what a skipped block returns. A family joins the guiders with
+a line in s2fast/guiders/families.py and a row here.
+
+References are plain loops written here: per step separate batch-B forwards for uncond, cond and cond with the
+step's blocks skipped (blocks made identity), Eq. 4 in the pipelines' op order, and a fresh scheduler of the
+pipeline's class. Tolerances: the guider's engine runs uncond and cond as one batch-2B call and forks the
+sub-network off it, where the references make batch-B calls; fp32 GEMMs of different row counts round differently
+(~1e-7 relative per op), which the steps carry. ``TOL`` (1e-4 relative and absolute, on latents of magnitude ~1–5)
+bounds that; the method moves the result by far more (each comparison checks that it changes it by > 1e-2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from diffusers import ClassifierFreeGuidance
+from sgg_reference import Settings, guided
+
+import s2fast
+from s2fast import binding, masks, tiny
+from s2fast.config import public_step_form
+from s2fast.guiders import hook
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+STEPS = 4
+LAM = 4.0
+
+
+# --- the family table ---------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    name: str
+    build: Callable      # () -> (modular pipeline, classic pipeline sharing its transformer, embeddings, latents)
+    forward: Callable    # (model, x, t, emb, cond) -> the prediction as the modular loop calls the transformer
+    skipped: Callable    # a skipped block's forward: its inputs back in the block's return order
+    blocks: str          # the transformer's block list
+
+
+def _sd3():
+    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
+        StableDiffusion3T2ICoreDenoiseStep,
+    )
+
+    shape = tiny.SD3Shape()
+    classic = tiny.sd3_pipeline(shape, with_vae=False)
+    pipe = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=classic.transformer, scheduler=classic.scheduler)
+    latents = torch.randn(1, 16, shape.latent_size, shape.latent_size, generator=torch.Generator().manual_seed(0))
+    return pipe, classic, tiny.embeddings(shape), latents
+
+
+def _sd3_forward(model, x, t, emb, cond):
+    pe, pooled = ("prompt_embeds", "pooled_prompt_embeds") if cond else \
+        ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+    return model(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=emb[pe],
+                 pooled_projections=emb[pooled], return_dict=False)[0]
+
+
+def _wan():
+    from diffusers.modular_pipelines.wan.modular_blocks_wan import WanCoreDenoiseStep
+
+    shape = tiny.WanShape()
+    classic = tiny.wan_pipeline(shape, with_vae=False)
+    pipe = WanCoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=classic.transformer, scheduler=classic.scheduler)
+    latents = torch.randn(1, 16, shape.latent_frames, shape.latent_size, shape.width,
+                          generator=torch.Generator().manual_seed(0))
+    return pipe, classic, tiny.wan_embeddings(shape), latents
+
+
+def _wan_forward(model, x, t, emb, cond):
+    pe = emb["prompt_embeds" if cond else "negative_prompt_embeds"]
+    return model(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=pe, return_dict=False)[0]
+
+
+ROWS = {
+    "sd3": Row("sd3", _sd3, _sd3_forward,
+               lambda *a, hidden_states=None, encoder_hidden_states=None, **k: (encoder_hidden_states, hidden_states),
+               "transformer_blocks"),
+    "wan": Row("wan", _wan, _wan_forward, lambda hidden_states, *a, **k: hidden_states, "blocks"),
+}
+
+
+class Case:
+    """One family's tiny modular pipeline, how to run it with a guider, and the plain reference loop."""
+
+    def __init__(self, row: Row):
+        self.row = row
+        self.pipe, self.classic, self.emb, self.latents = row.build()
+        self.model = self.pipe.transformer
+        self.num_blocks = len(getattr(self.model, row.blocks))
+
+    def __call__(self, guider):
+        self.pipe.update_components(guider=guider)
+        return self.pipe(**self.emb, latents=self.latents.clone(), num_inference_steps=STEPS, output="latents")
+
+    @contextlib.contextmanager
+    def skipping(self, indices):
+        blocks = getattr(self.model, self.row.blocks)
+        try:
+            for i in indices:
+                blocks[i].forward = self.row.skipped
+            yield
+        finally:
+            for i in indices:
+                del blocks[i].forward
+
+    def loop(self, guide: Callable):
+        """The plain loop: ``guide(i, uncond(), cond(), skip(blocks))`` -> D per step, then the scheduler."""
+        sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(STEPS)
+        x = self.latents.clone()
+        for i, t in enumerate(sched.timesteps):
+            def run(cond, skip=(), x=x, t=t):
+                with self.skipping(skip):
+                    return self.row.forward(self.model, x, t, self.emb, cond)
+            d = guide(i, lambda: run(False), lambda: run(True), lambda blocks: run(True, blocks))
+            x = sched.step(d, t, x, return_dict=False)[0]
+        return x
+
+    def three_pass(self, trace, lam=LAM, omega=0.5, cfg=True):
+        def guide(i, uncond, cond, skip):
+            c = cond()
+            d = c
+            if cfg:
+                u = uncond()
+                d = u + lam * (c - u)
+            if trace[i]:
+                d = d - omega * (skip(trace[i]) - c)
+            return d
+        return self.loop(guide)
+
+
+@pytest.fixture(scope="module", params=list(ROWS))
+def case(request):
+    case = Case(ROWS[request.param])
+    yield case
+    assert not hook.installed(case.model)
+
+
+def _clean(model):
+    """Nothing of the guider's on the transformer, and s2fast.wrap's checks would accept it."""
+    assert not hook.installed(model)
+    assert "forward" not in model.__dict__
+    assert binding.find(model) is None and binding.base_slot(model) is not None
+    assert binding.incompatible_hooks(model) == []
+
+
+def _s2(omega=0.5, seed=0, lam=LAM, **more):
+    return s2fast.S2Guidance(lam, s2fast.S2Config(omega=omega, seed=seed, fork_mode="separate", **more))
+
+
+# --- S2Guidance -----------------------------------------------------------------------------------------------------
+def test_reference_loop_is_stock_cfg(case):
+    """The references' loop with ω = 0 is the stock modular loop under ClassifierFreeGuidance (the same batch-B
+    calls and op order), so the comparisons below test the guider, not the loop."""
+    stock = case(ClassifierFreeGuidance(guidance_scale=LAM))
+    torch.testing.assert_close(case.three_pass([()] * STEPS, omega=0.0), stock, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "cond-only"])
+def test_s2_guidance_matches_three_pass(case, cfg):
+    """Without CFG (λ = 1, as ClassifierFreeGuidance decides) D = D_c − ω(D_s − D_c), with no uncond batch."""
+    guider = _s2(lam=LAM if cfg else 1.0)
+    out = case(guider)
+    trace = guider.trace()
+    assert all(trace), "every step runs a sub-network with the default interval"
+    expected = case.three_pass(trace, cfg=cfg)
+    assert (case.three_pass([()] * STEPS, cfg=cfg) - expected).abs().max() > 1e-2  # S² moves the result
+    torch.testing.assert_close(out, expected, **TOL)
+    _clean(case.model)
+
+
+def test_s2_guidance_masks_are_the_configs(case):
+    """Each step's masks are the config's, drawn from its seed as s2fast.wrap draws them; outside the interval
+    no sub-network runs (and no third batch is made)."""
+    config = s2fast.S2Config(omega=0.5, seed=7, interval=(0.25, 0.75), fork_mode="separate")
+    guider = s2fast.S2Guidance(LAM, config)
+    calls = []
+    handle = case.model.register_forward_pre_hook(lambda *a: calls.append(guider._step))
+    try:
+        case(guider)
+    finally:
+        handle.remove()
+    expected = tuple(public_step_form(m, 1) for m in masks.schedule(config, STEPS, case.num_blocks))
+    assert guider.trace() == expected
+    assert [calls.count(i) for i in range(STEPS)] == [2 + bool(m) for m in expected]
+    assert not guider.trace()[0] and guider.trace()[1]
+
+
+def test_num_masks_matches_three_pass(case):
+    """num_masks > 1 (naive S²): one sub batch holding the masks' mean."""
+    guider = _s2(num_masks=2)
+    out = case(guider)
+
+    def guide(i, uncond, cond, skip):
+        u, c = uncond(), cond()
+        subs = [skip(m) for m in guider.trace()[i]]
+        s = (sum(x.float() for x in subs) * 0.5).to(subs[0].dtype)
+        return u + LAM * (c - u) - 0.5 * (s - c)
+
+    torch.testing.assert_close(out, case.loop(guide), **TOL)
+
+
+def test_omega_zero_matches_cfg(case):
+    """ω = 0 against ClassifierFreeGuidance in the same loop: equal up to the batch-2B rounding of TOL."""
+    stock = case(ClassifierFreeGuidance(guidance_scale=LAM))
+    out = case(_s2(omega=0.0))
+    torch.testing.assert_close(out, stock, **TOL)
+    assert (case(_s2()) - stock).abs().max() > 1e-2
+
+
+def test_cfg_start_stop_as_classifier_free_guidance(case):
+    """start/stop gate the CFG term exactly as ClassifierFreeGuidance counts them."""
+    stock = case(ClassifierFreeGuidance(guidance_scale=LAM, start=0.25, stop=0.75))
+    out = case(s2fast.S2Guidance(LAM, s2fast.S2Config(omega=0.0), start=0.25, stop=0.75))
+    torch.testing.assert_close(out, stock, **TOL)
+
+
+def test_swap_back_to_cfg_is_stock(case):
+    """After S2Guidance, ClassifierFreeGuidance gives the stock result bit for bit, nothing is left on the
+    transformer, and s2fast.wrap accepts it (then unwrap)."""
+    before = case(ClassifierFreeGuidance(guidance_scale=LAM))
+    case(_s2())
+    _clean(case.model)
+    after = case(ClassifierFreeGuidance(guidance_scale=LAM))
+    assert torch.equal(before, after)
+    s2fast.wrap(case.classic, s2fast.S2Config(omega=0.5, seed=0))
+    s2fast.unwrap(case.classic)
+    _clean(case.model)
+
+
+def test_equals_wrap_on_the_classic_pipeline(case):
+    """The modular loop under S2Guidance and the family's classic pipeline under s2fast.wrap run the same engine
+    on the same rows with the same masks: the same latents (the classic loop's CFG line and the guider's kernel
+    round alike)."""
+    config = s2fast.S2Config(omega=0.5, seed=3, fork_mode="separate", fused_step=False)
+    out = case(s2fast.S2Guidance(LAM, config))
+    s2fast.wrap(case.classic, config)
+    try:
+        classic = case.classic(**case.emb, latents=case.latents.clone(), num_inference_steps=STEPS,
+                               guidance_scale=LAM, output_type="latent")
+        classic = getattr(classic, "images", None) if hasattr(classic, "images") else classic.frames
+        trace = s2fast.trace(case.classic)
+    finally:
+        s2fast.unwrap(case.classic)
+    assert trace == case.pipe.guider.trace()
+    torch.testing.assert_close(out, classic, **TOL)
+
+
+def test_config_round_trip(case, tmp_path):
+    guider = _s2(num_masks=2, protected_blocks=(0, 1), interval=(0.0, 0.75))
+    guider.save_pretrained(tmp_path)
+    loaded = s2fast.S2Guidance.from_pretrained(tmp_path)
+    assert type(loaded) is s2fast.S2Guidance
+    assert loaded.s2fast_config == guider.s2fast_config and loaded.guidance_scale == guider.guidance_scale
+    assert torch.equal(case(guider), case(loaded))
+    assert loaded.trace() == guider.trace()
+    # the modular pipeline keeps a from_config component as its spec's config: created again from it
+    again = case.pipe.get_component_spec("guider").create()
+    assert type(again) is s2fast.S2Guidance and again.s2fast_config == guider.s2fast_config
+    assert torch.equal(case(again), case(guider))
+    copy = guider.new(config=guider.s2fast_config.replace(omega=0.25))
+    assert copy.s2fast_config.omega == 0.25 and copy.s2fast_config.num_masks == 2
+
+
+def test_unsupported_family_refused(case):
+    """A transformer whose class s2fast serves no modular family for is refused by name, and left untouched."""
+    model = case.model
+    own = type(model)
+    model.__class__ = type("UnknownTransformer", (own,), {})
+    try:
+        with pytest.raises(ValueError, match="UnknownTransformer.*no adapter for its family"):
+            case(_s2())
+        assert not hook.installed(model) and "forward" not in model.__dict__
+    finally:
+        model.__class__ = own
+
+
+def test_bad_config_changes_nothing(case):
+    with pytest.raises(ValueError, match="protected_blocks names block 99"):
+        case(_s2(protected_blocks=(99,)))
+    _clean(case.model)
+    with pytest.raises(ValueError, match="fused_step=True"):
+        s2fast.S2Guidance(LAM, s2fast.S2Config(fused_step=True))
+    with pytest.raises(TypeError, match="S2Config"):
+        s2fast.S2Guidance(LAM, s2fast.SGGConfig())
+
+
+# --- SGGGuidance ----------------------------------------------------------------------------------------------------
+SGG = Settings(cfg_window=(0.0, 0.5), skip_window=(0.25, 1.0), skip_blocks=(1, 2), skip_scale=3.0,
+               cfg_schedule="linear", cfg_delta=1.0)
+
+
+def test_sgg_guidance_matches_reference(case):
+    """SGGGuidance against the formula (tests/sgg_reference.py), with no uncond batch outside cfg_window and the
+    skip batch only inside skip_window."""
+    guider = s2fast.SGGGuidance(LAM, SGG.as_config(fork_mode="separate"))
+    calls = []
+    handle = case.model.register_forward_pre_hook(lambda *a: calls.append(guider._step))
+    try:
+        out = case(guider)
+    finally:
+        handle.remove()
+    expected = case.loop(lambda i, u, c, s: guided(i, STEPS, SGG, LAM, True, u, c, lambda: s(SGG.skip_blocks)))
+    torch.testing.assert_close(out, expected, **TOL)
+    # cond always; uncond in steps 0-1 (cfg_window); skip in steps 1-3 (skip_window)
+    assert [calls.count(i) for i in range(STEPS)] == [2, 3, 2, 2]
+    assert guider.trace() == ((), (1, 2), (1, 2), (1, 2))
+    no_skip = dataclasses.replace(SGG, skip_scale=0.0)
+    plain = case.loop(lambda i, u, c, s: guided(i, STEPS, no_skip, LAM, True, u, c, lambda: c()))
+    assert (plain - expected).abs().max() > 1e-2
+    _clean(case.model)
+
+
+def test_sgg_round_trip_and_swap_back(case, tmp_path):
+    guider = s2fast.SGGGuidance(LAM, SGG.as_config(fork_mode="separate"))
+    guider.save_pretrained(tmp_path)
+    loaded = s2fast.SGGGuidance.from_pretrained(tmp_path)
+    assert loaded.s2fast_config == guider.s2fast_config
+    assert torch.equal(case(guider), case(loaded))
+    stock = case(ClassifierFreeGuidance(guidance_scale=LAM))
+    _clean(case.model)
+    assert torch.equal(stock, case(ClassifierFreeGuidance(guidance_scale=LAM)))
+
+
+# --- a loop that casts every batch ----------------------------------------------------------------------------------
+def test_wan_loop_casts_every_batch():
+    """Wan's modular loop casts each batch's fields, the latents and the timestep to the transformer's dtype before
+    the call, so no argument is the tensor the guider prepared. With a bf16 transformer, bf16 prompt and fp32
+    negative embeddings (cast per batch), S2Guidance at ω = 0 equals ClassifierFreeGuidance to bf16 rounding
+    (atol 5e-2: an ulp of bf16 at the latents' magnitude ~5 is 3e-2; the batched rows may round one ulp apart),
+    and S² (ω = 0.5) moves the result by far more."""
+    from diffusers.modular_pipelines.wan.modular_blocks_wan import WanCoreDenoiseStep
+
+    shape = tiny.WanShape()
+    classic = tiny.wan_pipeline(shape, with_vae=False, dtype=torch.bfloat16)
+    pipe = WanCoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=classic.transformer, scheduler=classic.scheduler)
+    emb = tiny.wan_embeddings(shape)
+    emb["prompt_embeds"] = emb["prompt_embeds"].to(torch.bfloat16)
+    latents = torch.randn(1, 16, shape.latent_frames, shape.latent_size, shape.width,
+                          generator=torch.Generator().manual_seed(0))
+
+    def run(guider):
+        pipe.update_components(guider=guider)
+        return pipe(**emb, latents=latents.clone(), num_inference_steps=STEPS, output="latents")
+
+    stock = run(ClassifierFreeGuidance(guidance_scale=LAM))
+    torch.testing.assert_close(run(_s2(omega=0.0)), stock, rtol=0, atol=5e-2)
+    assert (run(_s2()) - stock).abs().max() > 0.2
+    _clean(classic.transformer)
+
+
+def test_wan22_one_guider_per_expert():
+    """Wan 2.2's modular loop switches expert and guider at the boundary: each S2Guidance serves its own
+    expert (masks drawn at that expert's block count), and together they equal s2fast.wrap on the classic
+    two-expert pipeline with the same config (λ per expert)."""
+    from diffusers.modular_pipelines.wan.modular_blocks_wan22 import Wan22CoreDenoiseStep
+
+    shape = tiny.WanShape()
+    classic = tiny.wan_pipeline(shape, with_vae=False, experts=2, boundary_ratio=0.85, expert_2_layers=3)
+    pipe = Wan22CoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=classic.transformer, transformer_2=classic.transformer_2,
+                           scheduler=classic.scheduler)
+    pipe.register_to_config(boundary_ratio=0.85)
+    config = s2fast.S2Config(omega=0.5, seed=3, fork_mode="separate", fused_step=False)
+    high, low = s2fast.S2Guidance(LAM, config), s2fast.S2Guidance(3.0, config)
+    pipe.update_components(guider=high, guider_2=low)
+    emb = tiny.wan_embeddings(shape)
+    latents = torch.randn(1, 16, shape.latent_frames, shape.latent_size, shape.width,
+                          generator=torch.Generator().manual_seed(0))
+    out = pipe(**emb, latents=latents.clone(), num_inference_steps=STEPS, output="latents")
+    s2fast.wrap(classic, config)
+    try:
+        expected = classic(**emb, latents=latents.clone(), num_inference_steps=STEPS, guidance_scale=LAM,
+                           guidance_scale_2=3.0, output_type="latent").frames
+        experts = s2fast.trace_denoisers(classic)
+        trace = s2fast.trace(classic)
+    finally:
+        s2fast.unwrap(classic)
+    assert experts == ("transformer", "transformer", "transformer_2", "transformer_2")
+    assert high.trace()[:2] == trace[:2] and low.trace()[2:] == trace[2:]
+    assert high.trace()[2:] == ((), ()) and low.trace()[:2] == ((), ())
+    torch.testing.assert_close(out, expected, **TOL)
+    _clean(classic.transformer)
+    _clean(classic.transformer_2)
+
+
+def test_disabled_is_cond_alone(case):
+    """enabled=False: one batch, D = D_c, as ClassifierFreeGuidance(enabled=False)."""
+    stock = case(ClassifierFreeGuidance(guidance_scale=LAM, enabled=False))
+    torch.testing.assert_close(case(s2fast.S2Guidance(LAM, s2fast.S2Config(omega=0.5), enabled=False)), stock, **TOL)
+
+
+def test_error_at_the_call_leaves_nothing():
+    """An input the engine cannot serve fails at the cond batch's call, naming it, and the hook is gone."""
+    case = Case(ROWS["sd3"])
+    case.pipe.update_components(guider=_s2())
+    with pytest.raises(ValueError, match="IP-Adapter"):
+        case.pipe(**case.emb, latents=case.latents.clone(), num_inference_steps=STEPS, output="latents",
+                  joint_attention_kwargs={"ip_adapter_image_embeds": [torch.zeros(1)]})
+    _clean(case.model)
+
+
+def test_block_graphs_under_the_guider():
+    """The guider's engine runs through block graphs as wrap's does (CPU stand-in: graphs.EagerBackend): every
+    mask replays the graphs captured at the first step, bit-equal to the eager blocks; release_graphs frees them."""
+    from s2fast import graphs
+
+    case = Case(ROWS["sd3"])
+    config = s2fast.S2Config(omega=0.5, drop_ratio=0.3, seed=5, fork_mode="separate")
+    guider = s2fast.S2Guidance(LAM, config)
+    guider._graph_backend = graphs.EagerBackend()
+    graphed = case(guider)
+    first = guider.graph_stats()
+    again = case(guider)
+    stats = guider.graph_stats()
+    assert torch.equal(graphed, again) and stats["captures"] == first["captures"] and stats["replays"] > 0
+    eager = case(s2fast.S2Guidance(LAM, config.replace(masks=guider.trace())))
+    assert torch.equal(graphed, eager)  # same kernels on copies of the same inputs
+    assert graphs._KEPT.get(case.model)
+    guider.release_graphs()
+    assert not graphs._KEPT.get(case.model) and guider.graph_stats() is None
+    _clean(case.model)
+
+
+def test_after_a_removed_diffusers_hook():
+    """A model-level diffusers hook added and removed leaves its registry and the model's own forward as an
+    instance attribute: the guider serves the model, and leaves that slot as it found it."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    case = Case(ROWS["sd3"])
+    stock = case(ClassifierFreeGuidance(guidance_scale=LAM))
+    registry = HookRegistry.check_if_exists_or_initialize(case.model)
+    registry.register_hook(ModelHook(), "gone")
+    registry.remove_hook("gone")
+    before = case.model.__dict__.get("forward")
+    out = case(_s2(omega=0.0))
+    torch.testing.assert_close(out, stock, **TOL)
+    assert case.model.__dict__.get("forward") is before and not hook.installed(case.model)
+    assert binding.incompatible_hooks(case.model) == []
