@@ -309,6 +309,9 @@ class Controller:
         request = self.adapter.request(pipe, call_locals, inputs, run.memo)
         guidance = run.guidance(self.config, step, state.num_blocks)
         d, predictions = self._guided(pipe, model, state, run, call_locals, request, guidance)
+        if request.finish is not None:  # the pipeline's post-processing, with the true cond (StepRequest.finish)
+            part = request.guided_part or (lambda p: p)
+            d = request.finish(d, part(predictions[request.cond_branch]))
         run.trace[step] = guidance.subnets
         run.denoisers[step] = next((name for name, m in self.denoiser_models(pipe) if m is model), None)
         run.steps_served += 1

@@ -1,0 +1,103 @@
+"""Tiny Qwen-Image and Flux.2 pipelines built from configs with random weights (tests, benchmarks). Nothing is
+downloaded.
+
+Text encoders, tokenizers and VAEs are None: callers pass prompt embeddings directly (``qwen_embeddings``,
+``flux2_embeddings``) and ask for ``output_type="latent"``. Without a VAE the pipelines use their default scale
+factor of 8, so an image of ``latent_size · 8`` pixels gives ``(latent_size / 2)²`` packed tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+
+@dataclass(frozen=True)
+class QwenShape:
+    """A QwenImageTransformer2DModel shape. The defaults are tiny (tests); ``BENCH_QWEN`` is the benchmarks'."""
+
+    num_layers: int = 5
+    heads: int = 2
+    head_dim: int = 16
+    axes_dims_rope: tuple = (4, 6, 6)  # sums to head_dim
+    latent_size: int = 8             # latent height = width (before 2×2 packing)
+    latent_channels: int = 4
+    text_tokens: int = 7
+    joint_attention_dim: int = 32
+    guidance_embeds: bool = False
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+
+# 24 dual-stream blocks, hidden 256, 32×32 latents (256 image tokens), 77 text tokens: the SD3 CPU benchmark's
+# scale, so the per-step costs of the two block structures read side by side.
+BENCH_QWEN = QwenShape(num_layers=24, heads=4, head_dim=64, axes_dims_rope=(16, 24, 24), latent_size=32,
+                       latent_channels=16, text_tokens=77, joint_attention_dim=256)
+
+
+def qwen_transformer(shape: QwenShape = QwenShape(), *, seed: int = 0, zero_cond_t: bool = False):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=shape.latent_channels * 4, out_channels=shape.latent_channels,
+        num_layers=shape.num_layers, attention_head_dim=shape.head_dim, num_attention_heads=shape.heads,
+        joint_attention_dim=shape.joint_attention_dim, guidance_embeds=shape.guidance_embeds,
+        axes_dims_rope=shape.axes_dims_rope, zero_cond_t=zero_cond_t,
+    ).eval()
+
+
+def qwen_pipeline(shape: QwenShape = QwenShape(), *, seed: int = 0, dtype=torch.float32, edit_plus: bool = False,
+                  zero_cond_t: bool = False):
+    """A QwenImagePipeline (or QwenImageEditPlusPipeline) with a random transformer of ``shape``, no VAE and no
+    text encoder: see ``qwen_embeddings``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline, QwenImagePipeline
+
+    cls = QwenImageEditPlusPipeline if edit_plus else QwenImagePipeline
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+        use_dynamic_shifting=True, time_shift_type="exponential")
+    transformer = qwen_transformer(shape, seed=seed, zero_cond_t=zero_cond_t)
+    if dtype != torch.float32:
+        transformer = transformer.to(dtype)
+    pipe = cls(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwen_embeddings(shape: QwenShape = QwenShape(), batch: int = 1, *, seed: int = 1, dtype=torch.float32,
+                    negative_tokens: int = None, padding: int = 2) -> Dict:
+    """Prompt and negative embeddings with their masks. The prompt's last ``padding`` tokens are masked out (as a
+    padded batch of prompts would be), so the transformer's text mask is exercised; the negative has
+    ``negative_tokens`` tokens (default: as many as the prompt) and no padding."""
+    g = torch.Generator().manual_seed(seed)
+    neg_tokens = negative_tokens or shape.text_tokens
+    mask = torch.ones(batch, shape.text_tokens, dtype=torch.long)
+    if padding:
+        mask[:, -padding:] = 0
+    return dict(
+        prompt_embeds=torch.randn(batch, shape.text_tokens, shape.joint_attention_dim, generator=g).to(dtype),
+        prompt_embeds_mask=mask,
+        negative_prompt_embeds=torch.randn(batch, neg_tokens, shape.joint_attention_dim, generator=g).to(dtype),
+        negative_prompt_embeds_mask=torch.ones(batch, neg_tokens, dtype=torch.long),
+    )
+
+
+def qwen_image_size(shape: QwenShape) -> Dict[str, int]:
+    return dict(height=shape.latent_size * 8, width=shape.latent_size * 8)
+
+
+def qwen_step_inputs(shape: QwenShape, *, seed: int = 0, timestep: float = 0.5) -> Dict:
+    """One transformer call's inputs at batch 1 (benchmarks): packed latents, text embeddings, img_shapes."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = (shape.latent_size // 2) ** 2
+    return dict(
+        hidden_states=torch.randn(1, tokens, shape.latent_channels * 4, generator=g),
+        encoder_hidden_states=torch.randn(1, shape.text_tokens, shape.joint_attention_dim, generator=g),
+        timestep=torch.tensor([timestep]),
+        img_shapes=[[(1, shape.latent_size // 2, shape.latent_size // 2)]],
+    )
