@@ -101,3 +101,81 @@ def qwen_step_inputs(shape: QwenShape, *, seed: int = 0, timestep: float = 0.5) 
         timestep=torch.tensor([timestep]),
         img_shapes=[[(1, shape.latent_size // 2, shape.latent_size // 2)]],
     )
+
+
+@dataclass(frozen=True)
+class Flux2Shape:
+    """A Flux2Transformer2DModel shape: ``num_layers`` double-stream then ``num_single_layers`` single-stream blocks.
+    The defaults are tiny (tests)."""
+
+    num_layers: int = 2
+    num_single_layers: int = 3
+    heads: int = 2
+    head_dim: int = 16
+    axes_dims_rope: tuple = (4, 4, 4, 4)  # sums to head_dim; four position axes (t, h, w, l)
+    latent_size: int = 8                  # latent height = width (before 2×2 packing)
+    latent_channels: int = 4
+    text_tokens: int = 7
+    joint_attention_dim: int = 32
+    guidance_embeds: bool = True          # Flux.2 dev is guidance-distilled; Klein is not
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+
+def flux2_transformer(shape: Flux2Shape = Flux2Shape(), *, seed: int = 0):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=shape.latent_channels * 4, num_layers=shape.num_layers,
+        num_single_layers=shape.num_single_layers, attention_head_dim=shape.head_dim,
+        num_attention_heads=shape.heads, joint_attention_dim=shape.joint_attention_dim,
+        timestep_guidance_channels=32, axes_dims_rope=shape.axes_dims_rope, guidance_embeds=shape.guidance_embeds,
+    ).eval()
+
+
+def _flux2_vae(shape: Flux2Shape):
+    """A tiny AutoencoderKLFlux2 (four levels: scale factor 8, as without a VAE); its batch-norm statistics are set to
+    values away from the identity so that the Klein pipeline's de-normalisation is visible."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=shape.latent_channels,
+                             norm_num_groups=4, mid_block_add_attention=False)
+    vae.bn.running_mean.uniform_(-0.5, 0.5)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    return vae.eval()
+
+
+def flux2_pipeline(shape: Flux2Shape = Flux2Shape(), *, seed: int = 0, klein: bool = False,
+                   is_distilled: bool = False):
+    """A Flux2Pipeline (or Flux2KleinPipeline, ``is_distilled`` as its config flag) with a random transformer of
+    ``shape``, no VAE and no text encoder: see ``flux2_embeddings``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    transformer = flux2_transformer(shape, seed=seed)
+    if klein:  # Klein reads the VAE's latent batch-norm statistics even for output_type="latent"
+        pipe = Flux2KleinPipeline(scheduler=scheduler, vae=_flux2_vae(shape), text_encoder=None, tokenizer=None,
+                                  transformer=transformer, is_distilled=is_distilled)
+    else:
+        pipe = Flux2Pipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux2_embeddings(shape: Flux2Shape = Flux2Shape(), batch: int = 1, *, seed: int = 1, negative_tokens: int = None,
+                     dtype=torch.float32) -> Dict:
+    """Prompt and negative embeddings (the negative is read by Flux2KleinPipeline under CFG only)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        prompt_embeds=torch.randn(batch, shape.text_tokens, shape.joint_attention_dim, generator=g).to(dtype),
+        negative_prompt_embeds=torch.randn(batch, negative_tokens or shape.text_tokens, shape.joint_attention_dim,
+                                           generator=g).to(dtype),
+    )
+
+
+def flux2_image_size(shape: Flux2Shape) -> Dict[str, int]:
+    return dict(height=shape.latent_size * 8, width=shape.latent_size * 8)

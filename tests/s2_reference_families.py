@@ -57,3 +57,55 @@ def qwen_three_pass(pipe, emb, masks, *, steps, lam, omega, height, width, seed=
             d = qwen_rescale(d, c)
         latents = sched.step(d, t, latents, return_dict=False)[0]
     return latents
+
+
+def _flux2_skipping(model, indices):
+    """Skip Flux.2 blocks as the forward calls them: a double block returns (encoder, hidden) unchanged, a single
+    block (one joint stream in, one out) its hidden states."""
+    double = len(model.transformer_blocks)
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+
+    def skip_double(*args, hidden_states=None, encoder_hidden_states=None, **kwargs):
+        return encoder_hidden_states, hidden_states
+
+    def skip_single(*args, hidden_states=None, **kwargs):
+        return hidden_states
+
+    class _Skipping:
+        def __enter__(self):
+            for i in indices:
+                blocks[i].forward = skip_double if i < double else skip_single
+
+        def __exit__(self, *exc):
+            for i in indices:
+                del blocks[i].forward
+
+    return _Skipping()
+
+
+@torch.no_grad()
+def flux2_three_pass(pipe, emb, masks, *, steps, lam, omega, height, width, seed=0, num_masks=1, cfg=False,
+                     guidance=None):
+    """Flux2Pipeline's / Flux2KleinPipeline's loop: uncond (Klein with CFG), cond and cond with the masked blocks
+    skipped, Eq. 4 (D = C − ω(S − C) without CFG), the Euler step. Returns the packed latents after the last step."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    model = pipe.transformer
+    dtype = emb["prompt_embeds"].dtype
+    latents, latent_ids = pipe.prepare_latents(1, model.config.in_channels // 4, height, width, dtype, "cpu",
+                                               torch.Generator().manual_seed(seed))
+    sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(latents.shape[1], steps))
+    g = None if guidance is None else torch.full([1], guidance, dtype=torch.float32)
+
+    def run(x, pe, t, skip=()):
+        with _flux2_skipping(model, skip):
+            return model(hidden_states=x, timestep=t.expand(1).to(dtype) / 1000, guidance=g, encoder_hidden_states=pe,
+                         txt_ids=pipe._prepare_text_ids(pe), img_ids=latent_ids, return_dict=False)[0]
+
+    for i, t in enumerate(sched.timesteps):
+        u = run(latents, emb["negative_prompt_embeds"], t) if cfg else None
+        c = run(latents, emb["prompt_embeds"], t)
+        subs = [run(latents, emb["prompt_embeds"], t, m) for m in step_masks(masks, num_masks)[i]]
+        latents = sched.step(combine(u, c, subs, lam, omega), t, latents, return_dict=False)[0]
+    return latents

@@ -17,6 +17,8 @@ _FAMILIES = {
     "WanVideoToVideoPipeline": ("s2fast.adapters.wan", "WanVideoToVideoAdapter"),
     "QwenImagePipeline": ("s2fast.adapters.qwenimage", "QwenImageAdapter"),
     "QwenImageEditPlusPipeline": ("s2fast.adapters.qwenimage", "QwenImageAdapter"),
+    "Flux2Pipeline": ("s2fast.adapters.flux2", "Flux2Adapter"),
+    "Flux2KleinPipeline": ("s2fast.adapters.flux2", "Flux2KleinAdapter"),
 }
 _REGISTERED: Dict[type, type] = {}  # pipeline class -> adapter class, from register_adapter
 
