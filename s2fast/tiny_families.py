@@ -53,8 +53,8 @@ def qwen_transformer(shape: QwenShape = QwenShape(), *, seed: int = 0, zero_cond
 
 def qwen_pipeline(shape: QwenShape = QwenShape(), *, seed: int = 0, dtype=torch.float32, edit_plus: bool = False,
                   zero_cond_t: bool = False):
-    """A QwenImagePipeline (or QwenImageEditPlusPipeline) with a random transformer of ``shape``, no VAE and no
-    text encoder: see ``qwen_embeddings``."""
+    """A QwenImagePipeline (or QwenImageEditPlusPipeline, with a tiny VAE for its reference images) with a random
+    transformer of ``shape`` and no text encoder: see ``qwen_embeddings``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline, QwenImagePipeline
 
     cls = QwenImageEditPlusPipeline if edit_plus else QwenImagePipeline
@@ -64,9 +64,22 @@ def qwen_pipeline(shape: QwenShape = QwenShape(), *, seed: int = 0, dtype=torch.
     transformer = qwen_transformer(shape, seed=seed, zero_cond_t=zero_cond_t)
     if dtype != torch.float32:
         transformer = transformer.to(dtype)
-    pipe = cls(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    vae = _qwen_vae(shape) if edit_plus else None  # Edit-Plus encodes its reference images
+    extra = dict(processor=None) if edit_plus else {}  # Edit-Plus's prompt processor: unused with given embeddings
+    pipe = cls(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _qwen_vae(shape: QwenShape):
+    """A tiny AutoencoderKLQwenImage: three temporal-downsample levels (scale factor 8, as without a VAE)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    c = shape.latent_channels
+    return AutoencoderKLQwenImage(base_dim=4, z_dim=c, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                  latents_mean=[0.1 * i for i in range(c)], latents_std=[1.0 + 0.1 * i for i in range(c)]
+                                  ).eval()
 
 
 def qwen_embeddings(shape: QwenShape = QwenShape(), batch: int = 1, *, seed: int = 1, dtype=torch.float32,

@@ -26,26 +26,42 @@ def qwen_rescale(d, cond):
 
 
 @torch.no_grad()
-def qwen_three_pass(pipe, emb, masks, *, steps, lam, omega, height, width, seed=0, num_masks=1, cfg=True):
-    """QwenImagePipeline's loop: D = Eq. 4, then (true CFG) D · ‖C‖/‖D‖ per token, then the Euler step."""
+def qwen_three_pass(pipe, emb, masks, *, steps, lam, omega, height, width, seed=0, num_masks=1, cfg=True, image=None):
+    """QwenImagePipeline's loop: D = Eq. 4, then (true CFG) D · ‖C‖/‖D‖ per token, then the Euler step.
+    ``image``: QwenImageEditPlusPipeline's loop, the reference image's latent tokens appended to the latents (from
+    the pipeline's own preprocessing and prepare_latents) and the prediction cut to the latents' tokens."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     model = pipe.transformer
     blocks = list(model.transformer_blocks)
     dtype = emb["prompt_embeds"].dtype
-    latents = pipe.prepare_latents(1, model.config.in_channels // 4, height, width, dtype, "cpu",
-                                   torch.Generator().manual_seed(seed))
-    img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)]]
+    generator = torch.Generator().manual_seed(seed)
+    f = pipe.vae_scale_factor * 2
+    img_shapes = [[(1, height // f, width // f)]]
+    image_latents = None
+    if image is None:
+        latents = pipe.prepare_latents(1, model.config.in_channels // 4, height, width, dtype, "cpu", generator)
+    else:
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+        vae_w, vae_h = edit_plus.calculate_dimensions(edit_plus.VAE_IMAGE_SIZE, image.size[0] / image.size[1])
+        pixels = [pipe.image_processor.preprocess(image, vae_h, vae_w).unsqueeze(2)]
+        latents, image_latents = pipe.prepare_latents(pixels, 1, model.config.in_channels // 4, height, width, dtype,
+                                                      "cpu", generator)
+        img_shapes = [[img_shapes[0][0], (1, vae_h // f, vae_w // f)]]
     sched = _flow_scheduler(pipe, steps, latents.shape[1], calculate_shift)
 
     def mask_or_none(mask):  # the pipeline's encode_prompt drops an all-ones mask
         return None if mask is None or bool(mask.all()) else mask
 
     def run(x, pe, mask, t, skip=()):
+        tokens = x.shape[1]
+        if image_latents is not None:
+            x = torch.cat([x, image_latents], dim=1)
         with skipping(blocks, skip):
             return model(hidden_states=x, timestep=t.expand(1).to(dtype) / 1000, encoder_hidden_states=pe,
                          encoder_hidden_states_mask=mask_or_none(mask), img_shapes=img_shapes,
-                         return_dict=False)[0]
+                         return_dict=False)[0][:, :tokens]
 
     for i, t in enumerate(sched.timesteps):
         u = run(latents, emb["negative_prompt_embeds"], emb["negative_prompt_embeds_mask"], t) if cfg else None

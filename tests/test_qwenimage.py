@@ -124,3 +124,44 @@ def test_images_per_prompt_and_return_dict(qwen):
     stock = sample(qwen, MASKED, num_images_per_prompt=2)
     s2fast.wrap(qwen, S2Config(omega=0.0))
     torch.testing.assert_close(sample(qwen, MASKED, num_images_per_prompt=2), stock, **BATCH_TOL)
+
+
+# --- QwenImageEditPlusPipeline: the reference image's tokens appended to the latents --------------------------------
+
+@pytest.fixture(scope="module")
+def edit_plus():
+    import numpy as np
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
+    from PIL import Image
+
+    # The pipeline resizes reference images to 1024² for its VAE (VAE_IMAGE_SIZE); 64² keeps the tiny test fast
+    # (16 reference tokens instead of 4096) and changes nothing else in the loop.
+    saved, module.VAE_IMAGE_SIZE = module.VAE_IMAGE_SIZE, 64 * 64
+    pipe = tf.qwen_pipeline(SHAPE, edit_plus=True, seed=1)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    yield pipe, image
+    s2fast.unwrap(pipe)
+    module.VAE_IMAGE_SIZE = saved
+
+
+def test_edit_plus_omega_zero_is_stock_s2_matches_the_reference_and_unwrap_is_bit_exact(edit_plus):
+    pipe, image = edit_plus
+    stock = sample(pipe, MASKED, image=image)
+    expected = qwen_three_pass(pipe, MASKED, MASKS, steps=STEPS, lam=4.0, omega=0.5, image=image, **SIZE)
+    s2fast.wrap(pipe, S2Config(omega=0.0))
+    torch.testing.assert_close(sample(pipe, MASKED, image=image), stock, **EXACT)
+    s2fast.wrap(pipe, S2Config(omega=0.5, masks=MASKS, fork_mode="separate"))
+    got = sample(pipe, MASKED, image=image)
+    torch.testing.assert_close(got, expected, **EXACT)
+    assert (got - stock).abs().max() > 1e-2
+    s2fast.unwrap(pipe)
+    torch.testing.assert_close(sample(pipe, MASKED, image=image), stock, **EXACT)
+
+
+def test_edit_plus_with_a_zero_cond_t_model_is_refused_at_wrap():
+    """Bad input: Edit-Plus checkpoints with ``zero_cond_t`` (a zero-timestep modulation for the reference tokens)
+    cannot be split by row; wrap refuses them and leaves the pipeline stock."""
+    pipe = tf.qwen_pipeline(SHAPE, edit_plus=True, zero_cond_t=True)
+    with pytest.raises(ValueError, match="zero_cond_t=True"):
+        s2fast.wrap(pipe, S2Config())
+    assert s2fast.config_of(pipe) is None
