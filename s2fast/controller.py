@@ -361,7 +361,7 @@ class Controller:
             latents, t = self.adapter.loop_sample(call_locals)
             d = run.fused.step(pipe.scheduler, latents, t, cond, uncond, subs, scale, guidance.omega)
         else:
-            d = guided_prediction(cond, uncond, subs, scale, guidance.omega)
+            d = (request.combine or guided_prediction)(cond, uncond, subs, scale, guidance.omega)
         return d, preds
 
     def _run_for(self, pipe, call_locals: PipelineLocals) -> _Run:

@@ -192,3 +192,54 @@ def flux2_embeddings(shape: Flux2Shape = Flux2Shape(), batch: int = 1, *, seed: 
 
 def flux2_image_size(shape: Flux2Shape) -> Dict[str, int]:
     return dict(height=shape.latent_size * 8, width=shape.latent_size * 8)
+
+
+@dataclass(frozen=True)
+class ZImageShape:
+    """A ZImageTransformer2DModel shape (tiny: tests)."""
+
+    num_layers: int = 4
+    refiner_layers: int = 1
+    heads: int = 2
+    head_dim: int = 16
+    axes_dims: tuple = (4, 6, 6)   # sums to head_dim
+    latent_size: int = 8           # latent height = width
+    latent_channels: int = 4
+    text_tokens: int = 7
+    cap_feat_dim: int = 24
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+
+def zimage_transformer(shape: ZImageShape = ZImageShape(), *, seed: int = 0):
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=shape.latent_channels, dim=shape.hidden,
+        n_layers=shape.num_layers, n_refiner_layers=shape.refiner_layers, n_heads=shape.heads, n_kv_heads=shape.heads,
+        cap_feat_dim=shape.cap_feat_dim, axes_dims=list(shape.axes_dims), axes_lens=[64, 32, 32],
+    ).eval()
+
+
+def zimage_pipeline(shape: ZImageShape = ZImageShape(), *, seed: int = 0):
+    """A ZImagePipeline with a random transformer of ``shape``, no VAE and no text encoder: see ``zimage_embeddings``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+                          tokenizer=None, transformer=zimage_transformer(shape, seed=seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def zimage_embeddings(shape: ZImageShape = ZImageShape(), batch: int = 1, *, seed: int = 1,
+                      negative_tokens: int = None) -> Dict:
+    """Per-sample lists of caption features, as ZImagePipeline takes them (the negative ``negative_tokens`` long)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        prompt_embeds=[torch.randn(shape.text_tokens, shape.cap_feat_dim, generator=g) for _ in range(batch)],
+        negative_prompt_embeds=[torch.randn(negative_tokens or shape.text_tokens, shape.cap_feat_dim, generator=g)
+                                for _ in range(batch)],
+    )

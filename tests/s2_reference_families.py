@@ -125,3 +125,52 @@ def flux2_three_pass(pipe, emb, masks, *, steps, lam, omega, height, width, seed
         subs = [run(latents, emb["prompt_embeds"], t, m) for m in step_masks(masks, num_masks)[i]]
         latents = sched.step(combine(u, c, subs, lam, omega), t, latents, return_dict=False)[0]
     return latents
+
+
+@torch.no_grad()
+def zimage_three_pass(pipe, emb, masks, *, steps, lam, omega, height, width, seed=0, num_masks=1, cfg=True,
+                      cfg_normalization=False, cfg_truncation=1.0):
+    """ZImagePipeline's loop with separate batch-1 forwards: cond, uncond (where CFG is not truncated) and cond with
+    the masked layers skipped; D = C + λ(C − U) − ω(S − C) in fp32 (the pipeline's CFG form), the pipeline's
+    renormalisation with the true C, then the negated prediction to the Euler step."""
+    from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+
+    model = pipe.transformer
+    latents = pipe.prepare_latents(1, model.in_channels, height, width, torch.float32, "cpu",
+                                   torch.Generator().manual_seed(seed))
+    sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    c = sched.config
+    seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
+    mu = calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    sched.set_timesteps(sigmas=get_default_z_image_sigmas(steps), mu=mu)
+    t_norms = ((1000 - sched.timesteps.float()) / 1000).tolist()
+    layers = model.layers
+
+    def run(x, cap, t, skip=()):
+        try:
+            for i in skip:
+                layers[i].forward = lambda x, *a, **k: x
+            return model([x[0].unsqueeze(1)], t, [cap], return_dict=False)[0][0].float()
+        finally:
+            for i in skip:
+                del layers[i].forward
+
+    for i, t in enumerate(sched.timesteps):
+        timestep = (1000 - t.expand(1)) / 1000
+        scale = 0.0 if cfg and t_norms[i] > cfg_truncation else lam
+        apply_cfg = cfg and scale > 0
+        cond = run(latents, emb["prompt_embeds"][0], timestep)
+        uncond = run(latents, emb["negative_prompt_embeds"][0], timestep) if apply_cfg else None
+        subs = [run(latents, emb["prompt_embeds"][0], timestep, m) for m in step_masks(masks, num_masks)[i]]
+        d = cond if uncond is None else cond + scale * (cond - uncond)
+        if subs:
+            s = subs[0] if len(subs) == 1 else sum(subs) * (1.0 / len(subs))
+            d = d - omega * (s - cond)
+        if apply_cfg and cfg_normalization:
+            max_norm = torch.linalg.vector_norm(cond) * float(cfg_normalization)
+            norm = torch.linalg.vector_norm(d)
+            if norm > max_norm:
+                d = d * (max_norm / norm)
+        latents = sched.step(-d.unsqueeze(0).squeeze(2), t, latents, return_dict=False)[0]
+    return latents

@@ -19,6 +19,7 @@ _FAMILIES = {
     "QwenImageEditPlusPipeline": ("s2fast.adapters.qwenimage", "QwenImageAdapter"),
     "Flux2Pipeline": ("s2fast.adapters.flux2", "Flux2Adapter"),
     "Flux2KleinPipeline": ("s2fast.adapters.flux2", "Flux2KleinAdapter"),
+    "ZImagePipeline": ("s2fast.adapters.zimage", "ZImageAdapter"),
 }
 _REGISTERED: Dict[type, type] = {}  # pipeline class -> adapter class, from register_adapter
 

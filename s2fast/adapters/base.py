@@ -54,6 +54,9 @@ class StepRequest:
     follow_ups: int = 0
     guided_part: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     finish: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    # combine(cond, uncond, subs, λ, ω) -> D: Eq. 4 in the pipeline's own form and precision where it differs from
+    # ``U + λ(C − U)`` in the model dtype (Z-Image: ``C + λ(C − U)`` in fp32); None is kernels.guided_prediction.
+    combine: Optional[Callable[..., torch.Tensor]] = None
 
     @property
     def cond_branch(self) -> int:
