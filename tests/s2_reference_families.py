@@ -101,23 +101,34 @@ def _flux2_skipping(model, indices):
 
 @torch.no_grad()
 def flux2_three_pass(pipe, emb, masks, *, steps, lam, omega, height, width, seed=0, num_masks=1, cfg=False,
-                     guidance=None):
+                     guidance=None, image=None):
     """Flux2Pipeline's / Flux2KleinPipeline's loop: uncond (Klein with CFG), cond and cond with the masked blocks
-    skipped, Eq. 4 (D = C − ω(S − C) without CFG), the Euler step. Returns the packed latents after the last step."""
+    skipped, Eq. 4 (D = C − ω(S − C) without CFG), the Euler step. Returns the packed latents after the last step.
+    ``image`` (a PIL image whose sides are multiples of 16): its latent tokens, from the pipeline's own preprocessing
+    and prepare_image_latents, are appended to the latents and the prediction is cut to the latents' tokens."""
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
     model = pipe.transformer
     dtype = emb["prompt_embeds"].dtype
+    generator = torch.Generator().manual_seed(seed)
     latents, latent_ids = pipe.prepare_latents(1, model.config.in_channels // 4, height, width, dtype, "cpu",
-                                               torch.Generator().manual_seed(seed))
+                                               generator)
+    image_latents = image_ids = None
+    if image is not None:
+        pixels = pipe.image_processor.preprocess(image, height=image.size[1], width=image.size[0], resize_mode="crop")
+        image_latents, image_ids = pipe.prepare_image_latents(images=[pixels], batch_size=1, generator=generator,
+                                                              device="cpu", dtype=pipe.vae.dtype)
     sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(latents.shape[1], steps))
     g = None if guidance is None else torch.full([1], guidance, dtype=torch.float32)
 
     def run(x, pe, t, skip=()):
+        tokens, ids = x.shape[1], latent_ids
+        if image_latents is not None:
+            x, ids = torch.cat([x, image_latents], dim=1).to(model.dtype), torch.cat([latent_ids, image_ids], dim=1)
         with _flux2_skipping(model, skip):
             return model(hidden_states=x, timestep=t.expand(1).to(dtype) / 1000, guidance=g, encoder_hidden_states=pe,
-                         txt_ids=pipe._prepare_text_ids(pe), img_ids=latent_ids, return_dict=False)[0]
+                         txt_ids=pipe._prepare_text_ids(pe), img_ids=ids, return_dict=False)[0][:, :tokens]
 
     for i, t in enumerate(sched.timesteps):
         u = run(latents, emb["negative_prompt_embeds"], t) if cfg else None

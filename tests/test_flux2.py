@@ -126,3 +126,30 @@ def test_the_kv_cache_pipeline_is_refused_by_name():
     with pytest.raises(ValueError, match="does not support Flux2KleinKVPipeline"):
         s2fast.wrap(kv, S2Config())
     assert s2fast.config_of(kv) is None
+
+
+def test_klein_with_a_reference_image_matches_the_reference_and_refuses_a_forced_fused_step():
+    """A reference image appends its tokens after the latents' and the pipeline keeps the first ``latents`` tokens
+    of the prediction: Eq. 4 over every token, cut by the pipeline, is the reference's Eq. 4 on the cut tokens. The
+    prediction is longer than x_t, so the fused step (which needs them shaped alike) runs unfused under "auto" and
+    ``fused_step=True`` fails naming the shapes (bad input)."""
+    import numpy as np
+    from PIL import Image
+
+    case = _CASES.setdefault("klein", _BUILD["klein"]())
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 64, 3), dtype=np.uint8))
+    stock = case(image=image)
+    expected = flux2_three_pass(case.pipe, case.emb, MASKS, steps=STEPS, lam=4.0, omega=0.5, cfg=True, image=image,
+                                **case.size)
+    try:
+        s2fast.wrap(case.pipe, S2Config(omega=0.0, batch_branches=False))
+        torch.testing.assert_close(case(image=image), stock, **EXACT)
+        s2fast.wrap(case.pipe, S2Config(omega=0.5, masks=MASKS, batch_branches=False, **SEPARATE))
+        got = case(image=image)
+        torch.testing.assert_close(got, expected, **EXACT)
+        assert (got - stock).abs().max() > 1e-3
+        s2fast.wrap(case.pipe, S2Config(omega=0.5, fused_step=True))
+        with pytest.raises(ValueError, match="not shaped like the prediction"):
+            case(image=image)
+    finally:
+        s2fast.unwrap(case.pipe)
