@@ -153,3 +153,11 @@ def test_klein_with_a_reference_image_matches_the_reference_and_refuses_a_forced
             case(image=image)
     finally:
         s2fast.unwrap(case.pipe)
+
+
+def test_a_mask_past_the_last_single_block_is_refused_at_wrap():
+    """Bad input: block indices run over the double blocks then the single ones (5 here); index 5 does not exist."""
+    case = _CASES.setdefault("dev", _BUILD["dev"]())
+    with pytest.raises(ValueError, match="drops block 5, but the model has 5 blocks"):
+        s2fast.wrap(case.pipe, S2Config(masks=((5,), (1,), (), (2,))))
+    assert s2fast.config_of(case.pipe) is None
