@@ -357,7 +357,8 @@ class Controller:
                 latents, _ = self.adapter.loop_sample(call_locals)
                 run.fused = fused_step_for_call(pipe, self.config, latents, cond.shape, self._scheduler_hooks)
             run.fused_decided = True
-        if run.fused is not None:
+        # the fused step computes x_{t−1} from guided_prediction's D: not from a family's own combine or finish
+        if run.fused is not None and request.combine is None and request.finish is None:
             latents, t = self.adapter.loop_sample(call_locals)
             d = run.fused.step(pipe.scheduler, latents, t, cond, uncond, subs, scale, guidance.omega)
         else:

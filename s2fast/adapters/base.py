@@ -45,7 +45,8 @@ class StepRequest:
     ``finish(D, cond)`` is the pipeline's own post-processing of its combined prediction, applied to Eq. 4's D with
     the true cond prediction where the pipeline reads its cond (Qwen-Image's norm rescale ``D·‖C‖/‖D‖``): its result
     is what this call and its follow-ups return, and the pipeline's own post-processing of that value (both calls
-    served the same value) changes nothing. An adapter that sets it cannot take the fused step (``supports_fused_step``).
+    served the same value) changes nothing. A step with ``finish`` or ``combine`` runs unfused (set
+    ``supports_fused_step = False`` on such an adapter, so that ``fused_step=True`` is refused at wrap).
     """
 
     rows: BranchRows
