@@ -4,8 +4,9 @@
 
 Steps, in order: the environment (versions, nvidia-smi), the gpu-marked tests, the CUDA extension's build and its
 tests, the fused-step benchmark, the SD3-medium step against its block-row floor, SD3-medium and Flux-dev end to
-end (1024², 28 steps, bf16), the Wan 2.1 steps against their floor, the fork modes by image size (SD3-medium at
-512² and 1024², Flux-dev at 512²), and the profile script. Each step runs in a process of its own, with a timeout that
+end (1024², 28 steps, bf16), the Wan 2.1 steps against their floor, the Qwen-Image and Flux.2-dev steps (1024²)
+against theirs, the fork modes by image size (SD3-medium at 512² and 1024², Flux-dev at 512²), and the profile
+script. Each step runs in a process of its own, with a timeout that
 never passes the budget; a step that would start with less time left than it needs is not started. Results are
 written after every step, so a run that is stopped still leaves them: suite.json (every step: status, seconds,
 return code, its log file, the benchmark results it wrote) and suite.md (the same as tables), with the steps not run
@@ -62,7 +63,7 @@ def default_steps(out: Path, arch: str = "9.0") -> List[Step]:
         Step("extension-tests", _pytest("-q", "tests/test_flow_step_gpu.py"), True, 20, 90, after="build-extension"),
         Step("fused-step", _pytest("-q", "benchmarks/test_fused_step.py", "--benchmark-only"), True, 30, 150,
              bench("fused-step"), f"fused-step/{results}"),
-        Step("sd3-step", _pytest("-q", "-s", "benchmarks/test_gpu_pipelines.py", "-k", "step_vs_floor",
+        Step("sd3-step", _pytest("-q", "-s", "benchmarks/test_gpu_pipelines.py", "-k", "step_vs_floor_sd3",
                                  "--benchmark-only"), True, 60, 180, bench("sd3-step"), f"sd3-step/{results}"),
         Step("sd3-end-to-end", _pytest("-q", "-s", "benchmarks/test_gpu_pipelines.py", "-k", "end_to_end and sd3",
                                        "--benchmark-only"), True, 90, 300, bench("sd3-e2e"), f"sd3-e2e/{results}"),
@@ -70,6 +71,9 @@ def default_steps(out: Path, arch: str = "9.0") -> List[Step]:
                                         "--benchmark-only"), True, 120, 400, bench("flux-e2e"), f"flux-e2e/{results}"),
         Step("wan-step", _pytest("-q", "-s", "benchmarks/test_gpu_pipelines.py", "-k", "step_vs_floor_wan",
                                  "--benchmark-only"), True, 90, 300, bench("wan-step"), f"wan-step/{results}"),
+        Step("families-step", _pytest("-q", "-s", "benchmarks/test_gpu_pipelines.py", "-k", "step_vs_floor_families",
+                                      "--benchmark-only"), True, 120, 360, bench("families-step"),
+             f"families-step/{results}"),
         Step("fork-modes", _pytest("-q", "-s", "benchmarks/test_gpu_pipelines.py", "-k", "fork_modes_by_image_size",
                                    "--benchmark-only"), True, 90, 300, bench("fork-modes"), f"fork-modes/{results}"),
         Step("profile-sd3", [sys.executable, "benchmarks/profile_gpu.py", "--model", "sd3-medium", "--steps", "10",

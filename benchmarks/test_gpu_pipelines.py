@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import s2fast
-from s2fast import S2Config, tiny
+from s2fast import S2Config, tiny, tiny_families
 from s2fast.adapters.base import BranchRows
 from s2fast.adapters.sd3 import SD3Adapter
 from s2fast.engine import EngineOptions, block_rows, predict
@@ -320,3 +320,102 @@ def test_fork_modes_by_image_size(interleaved, name, side):
             r["joined"] = float(mode == "join")
     print(f"\n{name} {side}²: auto chose {chosen!r}; block-row floor {floor:.3f}, separate's call floor "
           f"{separate_calls:.3f}")
+
+
+# Qwen-Image and Flux.2 at 1024² (bf16, random weights): one denoising step's transformer work, as for Wan above.
+# Qwen-Image (20 B): 60 dual-stream blocks, hidden 3072 (24 × 128), Qwen2.5-VL context 3584 wide (256 tokens here);
+# 1024² = 128² latents packed 2×2 = 4096 image tokens. 41 GB of bf16 weights. Its loop makes two batch-1 calls per
+# step (true CFG), cond then uncond.
+# Flux.2-dev (32 B): 8 double + 48 single blocks, hidden 6144 (48 × 128), Mistral context 15 360 wide (512 tokens);
+# 1024² = 64² packed tokens. 64 GB of bf16 weights: built after Qwen-Image is freed. Guidance-distilled: one cond
+# call per step, so S² is cond + one sub-network (floor (2L − k − d) / L).
+FAMILY_SHAPES = {
+    "qwen-image-1024": tiny_families.QwenShape(num_layers=60, heads=24, head_dim=128, axes_dims_rope=(16, 56, 56),
+                                               latent_size=128, latent_channels=16, text_tokens=256,
+                                               joint_attention_dim=3584),
+    "flux2-dev-1024": tiny_families.Flux2Shape(num_layers=8, num_single_layers=48, heads=48, head_dim=128,
+                                               axes_dims_rope=(32, 32, 32, 32), latent_size=128, latent_channels=32,
+                                               text_tokens=512, joint_attention_dim=15360),
+}
+# drop_ratio 0.1: six blocks of 59 (Qwen-Image) or 55 (Flux.2) droppable; the first at E[k] ≈ 8
+FAMILY_MASKS = {"qwen-image-1024": (8, 17, 26, 35, 44, 53), "flux2-dev-1024": (8, 16, 24, 32, 40, 48)}
+
+
+def family_step_inputs(name, device="cuda", dtype=torch.bfloat16):
+    """A random transformer of FAMILY_SHAPES[name], its adapter and one step's rows at batch 1 ([uncond, cond] for
+    Qwen-Image, [cond] for guidance-distilled Flux.2)."""
+    from s2fast.adapters.flux2 import Flux2Adapter
+    from s2fast.adapters.qwenimage import QwenImageAdapter
+
+    shape = FAMILY_SHAPES[name]
+    torch.manual_seed(0)
+    torch.set_default_device(device)
+    try:
+        if name.startswith("qwen"):
+            model, adapter = tiny_families.qwen_transformer(shape).to(dtype), QwenImageAdapter()
+        else:
+            model, adapter = tiny_families.flux2_transformer(shape).to(dtype), Flux2Adapter()
+    finally:
+        torch.set_default_device(None)
+    g = torch.Generator(device).manual_seed(0)
+    tokens = (shape.latent_size // 2) ** 2
+    x = torch.randn(1, tokens, shape.latent_channels * 4, generator=g, device=device, dtype=dtype)
+    text = lambda: torch.randn(1, shape.text_tokens, shape.joint_attention_dim, generator=g, device=device,  # noqa: E731
+                               dtype=dtype)
+    t = torch.full((1,), 0.5, device=device)
+    if name.startswith("qwen"):
+        side = shape.latent_size // 2
+        cond = dict(hidden_states=x, timestep=t, encoder_hidden_states=text(), img_shapes=[[(1, side, side)]],
+                    attention_kwargs={})
+        uncond = dict(cond, encoder_hidden_states=text())
+        return model, adapter, BranchRows(adapter.batched_inputs, 2, branches=[uncond, cond])
+    side = torch.arange(shape.latent_size // 2, device=device)
+    img_ids = torch.stack(torch.broadcast_tensors(torch.zeros_like(side)[:, None], side[:, None], side[None, :],
+                                                  torch.zeros_like(side)[None, :]), dim=-1).reshape(-1, 4)
+    txt_ids = torch.zeros(shape.text_tokens, 4, device=device, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(shape.text_tokens, device=device)
+    cond = dict(hidden_states=x, timestep=t, guidance=torch.full((1,), 4.0, device=device), encoder_hidden_states=text(),
+                img_ids=img_ids, txt_ids=txt_ids, joint_attention_kwargs=None)
+    return model, adapter, BranchRows(adapter.batched_inputs, 1, branches=[cond])
+
+
+def family_step_cases(model, adapter, rows, mask):
+    """The pipeline's own calls (one per branch, batch 1), the naive three-pass (one more batch-1 call with the
+    masked blocks skipped) and s2fast's step, eager."""
+    from s2fast.reference import skipping
+
+    def forward(inputs):
+        return model(**inputs, return_dict=False)[0]
+
+    cond = rows.cond_branch
+
+    def stock():
+        return [forward(rows.branch(j)) for j in reversed(range(rows.count))]  # cond first, as the loops call
+
+    def naive():
+        stock()
+        with skipping(adapter, adapter.blocks(model), mask[0]):
+            return forward(rows.branch(cond))
+
+    return {
+        "cfg-stock": stock,
+        "cfg-s2fast-eager": lambda: predict(adapter, model, rows, []),
+        "s2-s2fast-eager": lambda: predict(adapter, model, rows, mask),
+        "s2-naive-three-pass": naive,
+    }
+
+
+@pytest.mark.parametrize("shape_name", FAMILY_SHAPES)
+def test_step_vs_floor_families(interleaved, shape_name):
+    """One denoising step's transformer work at Qwen-Image and Flux.2-dev 1024² (bf16): s2fast S² against the
+    stock loop's calls and against the block-row floor, in the same run (eager: no block graphs)."""
+    torch.set_grad_enabled(False)
+    model, adapter, rows = family_step_inputs(shape_name)
+    mask = [FAMILY_MASKS[shape_name]]
+    cases = {name: _timed(fn) for name, fn in family_step_cases(model, adapter, rows, mask).items()}
+    summary = interleaved(f"{shape_name} step, mask {mask[0]}", cases, "cfg-stock", 3, self_timed=True)
+    L, branches = adapter.num_blocks(model), rows.count
+    summary["s2-s2fast-eager"]["floor_ratio"] = block_rows(L, branches, mask) / (branches * L)
+    summary["s2-naive-three-pass"]["floor_ratio"] = block_rows(L, branches, mask, reuse_prefix=False) / (branches * L)
+    del model
+    torch.cuda.empty_cache()

@@ -173,7 +173,7 @@ def _check_fused_step(pipe, config: S2Config, adapter) -> None:
         from .fused_step import unsupported_reason
 
         reason = unsupported_reason(pipe.scheduler) if adapter.supports_fused_step else (
-            f"{type(pipe).__name__}'s loop keeps x_t where the fused step cannot take it")
+            f"{type(pipe).__name__}: {adapter.fused_step_refusal}")
         if reason:
             raise ValueError(f"S2Config(fused_step=True) cannot fuse this pipeline's step: {reason}; use fused_step='auto'")
 

@@ -309,6 +309,9 @@ class Controller:
         request = self.adapter.request(pipe, call_locals, inputs, run.memo)
         guidance = run.guidance(self.config, step, state.num_blocks)
         d, predictions = self._guided(pipe, model, state, run, call_locals, request, guidance)
+        if request.finish is not None:  # the pipeline's post-processing, with the true cond (StepRequest.finish)
+            part = request.guided_part or (lambda p: p)
+            d = request.finish(d, part(predictions[request.cond_branch]))
         run.trace[step] = guidance.subnets
         run.denoisers[step] = next((name for name, m in self.denoiser_models(pipe) if m is model), None)
         run.steps_served += 1
@@ -341,11 +344,12 @@ class Controller:
                 latents, _ = self.adapter.loop_sample(call_locals)
                 run.fused = fused_step_for_call(pipe, self.config, latents, cond.shape, self._scheduler_hooks)
             run.fused_decided = True
-        if run.fused is not None:
+        # the fused step computes x_{t−1} from guided_prediction's D: not from a family's own combine or finish
+        if run.fused is not None and request.combine is None and request.finish is None:
             latents, t = self.adapter.loop_sample(call_locals)
             d = run.fused.step(pipe.scheduler, latents, t, cond, uncond, subs, scale, guidance.omega)
         else:
-            d = guided_prediction(cond, uncond, subs, scale, guidance.omega)
+            d = (request.combine or guided_prediction)(cond, uncond, subs, scale, guidance.omega)
         return d, preds
 
     def predictions(self, model, state: _Denoiser, run: _Run, rows, subnets) -> List[torch.Tensor]:

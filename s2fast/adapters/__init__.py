@@ -15,6 +15,11 @@ _FAMILIES = {
     "WanPipeline": ("s2fast.adapters.wan", "WanAdapter"),
     "WanImageToVideoPipeline": ("s2fast.adapters.wan", "WanAdapter"),
     "WanVideoToVideoPipeline": ("s2fast.adapters.wan", "WanVideoToVideoAdapter"),
+    "QwenImagePipeline": ("s2fast.adapters.qwenimage", "QwenImageAdapter"),
+    "QwenImageEditPlusPipeline": ("s2fast.adapters.qwenimage", "QwenImageAdapter"),
+    "Flux2Pipeline": ("s2fast.adapters.flux2", "Flux2Adapter"),
+    "Flux2KleinPipeline": ("s2fast.adapters.flux2", "Flux2KleinAdapter"),
+    "ZImagePipeline": ("s2fast.adapters.zimage", "ZImageAdapter"),
 }
 _REGISTERED: Dict[type, type] = {}  # pipeline class -> adapter class, from register_adapter
 
@@ -88,3 +93,4 @@ def check_model(adapter, pipe, name: str, model) -> None:
             f"s2fast: {type(pipe).__name__}.{name} is a {model_name}, expected {' or '.join(adapter.model_classes)} "
             "(a torch.compile'd or otherwise wrapped transformer is not supported; wrap before compiling)"
         )
+    adapter.check_denoiser(model)

@@ -42,6 +42,11 @@ class StepRequest:
     ``follow_ups`` is how many more transformer calls the pipeline's loop makes in this step (Flux's true CFG calls
     cond, then uncond): the first call computes every branch and those calls are served its D, in order.
     ``guided_part`` selects what Eq. 4 combines from a prediction (DiT: the eps channels, not the learned sigma).
+    ``finish(D, cond)`` is the pipeline's own post-processing of its combined prediction, applied to Eq. 4's D with
+    the true cond prediction where the pipeline reads its cond (Qwen-Image's norm rescale ``D·‖C‖/‖D‖``): its result
+    is what this call and its follow-ups return, and the pipeline's own post-processing of that value (both calls
+    served the same value) changes nothing. A step with ``finish`` or ``combine`` runs unfused (set
+    ``supports_fused_step = False`` on such an adapter, so that ``fused_step=True`` is refused at wrap).
     """
 
     rows: BranchRows
@@ -49,6 +54,10 @@ class StepRequest:
     respond: Callable[[torch.Tensor, List[torch.Tensor]], Any]
     follow_ups: int = 0
     guided_part: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    finish: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    # combine(cond, uncond, subs, λ, ω) -> D: Eq. 4 in the pipeline's own form and precision where it differs from
+    # ``U + λ(C − U)`` in the model dtype (Z-Image: ``C + λ(C − U)`` in fp32); None is kernels.guided_prediction.
+    combine: Optional[Callable[..., torch.Tensor]] = None
 
     @property
     def cond_branch(self) -> int:
@@ -143,6 +152,8 @@ class FamilyAdapter(ModelAdapter):
     # Whether the pipeline's loop fits the fused step (x_t and t in loop_sample's locals, then
     # `scheduler.step(noise_pred, t, latents)`).
     supports_fused_step: bool = True
+    # Why not, for the error S2Config(fused_step=True) raises at wrap when supports_fused_step is False.
+    fused_step_refusal: str = "its loop keeps x_t where the fused step cannot take it"
 
     @abc.abstractmethod
     def request(self, pipe, call_locals: PipelineLocals, inputs: Dict[str, Any], memo: Dict[str, Any]) -> StepRequest:
@@ -166,6 +177,10 @@ class FamilyAdapter(ModelAdapter):
 
     def check_call(self, call_locals: PipelineLocals, inputs: Dict[str, Any]) -> None:
         """Raise a clear error for pipeline features that S² cannot serve (checked at each call)."""
+
+    def check_denoiser(self, model) -> None:
+        """Raise a clear error for a model of the right class whose configuration S² cannot serve (checked at wrap
+        and for a denoiser replaced since)."""
 
 
 class TwoStreamAdapter(FamilyAdapter):

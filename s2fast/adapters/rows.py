@@ -41,7 +41,7 @@ class BranchRows:
         if self._branches is not None:
             return self._branches[j]
         b = self.rows_per_branch
-        return {k: (v.narrow(0, j * b, b) if k in self.batched_keys and v is not None else v)
+        return {k: (_rows_of(v, j * b, b) if k in self.batched_keys and v is not None else v)
                 for k, v in self._stacked.items()}
 
     def only(self, j: int) -> "BranchRows":
@@ -54,6 +54,11 @@ class BranchRows:
             self._stacked = _stack(self._branches, self.batched_keys)
             self._unstackable = self._stacked is None
         return self._stacked
+
+
+def _rows_of(v, start: int, b: int):
+    """Rows start..start+b of a batched input: a tensor's, or a list's items (Z-Image passes per-sample lists)."""
+    return v[start:start + b] if isinstance(v, list) else v.narrow(0, start, b)
 
 
 def _stack(branches: Sequence[Dict[str, Any]], batched_keys: Sequence[str]) -> Optional[Dict[str, Any]]:
