@@ -42,7 +42,7 @@ class Sibling:
     reference_args: dict
     scale_key: str                   # the argument that is λ (None: the loop has no CFG)
     reference_loop: object = None
-    extra: dict = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)  # results that tests share: references and the stock output
 
     @property
     def family(self):
@@ -67,8 +67,18 @@ class Sibling:
         return self.pipe(**self.kwargs(**kw)).images
 
     def reference(self, masks, *, omega, lam=4.0, cfg=True, seed=0):
-        return self.reference_loop(self.pipe, self.emb, masks, lam=lam, omega=omega, seed=seed,
-                                   cfg=cfg and self.has_cfg, **self.size, **self.reference_args)
+        key = (masks, omega, lam, cfg, seed)
+        if key not in self.memo:  # computed once per session: the loops are deterministic
+            self.memo[key] = self.reference_loop(self.pipe, self.emb, masks, lam=lam, omega=omega, seed=seed,
+                                                 cfg=cfg and self.has_cfg, **self.size, **self.reference_args)
+        return self.memo[key]
+
+    def stock(self):
+        """The unwrapped pipeline's output with the default arguments (computed once per session)."""
+        if "stock" not in self.memo:
+            assert s2fast.config_of(self.pipe) is None
+            self.memo["stock"] = self()
+        return self.memo["stock"]
 
 
 def _build(name):
@@ -127,16 +137,17 @@ def test_matches_three_pass_reference(sibling, option):
         assert (expected - sibling.reference(((),) * 4, omega=0.5)).abs().max() > EFFECT  # S² changed something
 
 
+@pytest.mark.parametrize("sibling", ["sd3-img2img", "flux-kontext"], indirect=True)
 def test_without_cfg_subtracts_from_cond(sibling):
-    if not sibling.has_cfg:
-        pytest.skip("FluxFillPipeline has no CFG: test_matches_three_pass_reference covers its cond-only loop")
+    # One per adapter family (the others share its request; FluxFillPipeline, which never has CFG, is covered by
+    # test_matches_three_pass_reference). Kontext without true CFG is how FLUX.1-Kontext-dev is used.
     expected = sibling.reference(MASKS_4, omega=0.5, cfg=False)
     s2fast.wrap(sibling.pipe, S2Config(omega=0.5, masks=MASKS_4))
     torch.testing.assert_close(sibling(cfg=False), expected, **BATCHED)
 
 
 def test_omega_zero_is_stock(sibling):
-    stock = sibling()
+    stock = sibling.stock()
     # SD3's loops make one batched [uncond, cond] call, Flux's true CFG two batch-B calls; Fill runs cond only.
     stock_batched = sibling.family == "sd3"
     for batch_branches in (True, False):
@@ -147,7 +158,7 @@ def test_omega_zero_is_stock(sibling):
 
 
 def test_unwrap_restores_bit_identical_outputs(sibling):
-    stock = sibling()
+    stock = sibling.stock()
     s2fast.wrap(sibling.pipe, S2Config(omega=0.5, seed=1))
     assert (sibling() - stock).abs().max() > EFFECT
     s2fast.unwrap(sibling.pipe)
@@ -178,3 +189,12 @@ def test_fused_step_matches_the_unfused_step(sibling, monkeypatch):
     fused = sibling()
     assert calls == []  # every step was the fused one
     assert torch.equal(fused, unfused)
+
+
+def test_sgg_skip_pass_matches_the_reference(sibling):
+    # SGGConfig's skip pass is S²'s sub-network under another name: with CFG at every step and skip_blocks (1, 3)
+    # at steps 2 and 3 (skip_window (0.5, 1) of 4), D + s(C − C_skip) is Eq. 4 with those masks and ω = s.
+    expected = sibling.reference(((), (), (1, 3), (1, 3)), omega=0.5)
+    s2fast.wrap(sibling.pipe, s2fast.SGGConfig(cfg_window=(0.0, 1.0), skip_window=(0.5, 1.0), skip_blocks=(1, 3),
+                                               skip_scale=0.5))
+    torch.testing.assert_close(sibling(), expected, **BATCHED)
