@@ -157,6 +157,21 @@ def test_omega_zero_is_stock(sibling):
         assert s2fast.trace(sibling.pipe) == ((),) * 4
 
 
+@pytest.mark.parametrize("sibling", ["sd3-inpaint33", "flux-kontext"], indirect=True)
+def test_two_prompts_line_up_with_their_image_rows(sibling):
+    # The rows that carry image channels (SD3's mask and masked image, repeated per prompt and doubled for CFG) or
+    # appended image tokens (Kontext, repeated per prompt) line up with the latents' rows at B = 2 too: ω = 0 is the
+    # stock result (batched as the stock loop: exact), and S² moves both images.
+    twice = {k: torch.cat([v, v]) for k, v in sibling.emb.items()}  # the same prompt, given twice
+    stock = sibling(**twice)
+    assert stock.shape[0] == 2
+    s2fast.wrap(sibling.pipe, S2Config(omega=0.0, batch_branches=sibling.family == "sd3"))
+    torch.testing.assert_close(sibling(**twice), stock, **EXACT)
+    s2fast.wrap(sibling.pipe, S2Config(omega=0.5, masks=MASKS_4))
+    moved = (sibling(**twice) - stock).flatten(1).abs().amax(dim=1)
+    assert moved.min() > EFFECT
+
+
 def test_unwrap_restores_bit_identical_outputs(sibling):
     stock = sibling.stock()
     s2fast.wrap(sibling.pipe, S2Config(omega=0.5, seed=1))

@@ -7,7 +7,7 @@ Both loops make SD3's one transformer call a step on the rows [uncond, cond] (or
 - img2img runs the last ``strength`` part of the schedule from the noised image latents: ``timesteps`` is the
   loop's slice of the scheduler's (a new tensor every call, as the controller needs), and ``get_timesteps`` sets
   the scheduler's begin index, which the fused step reads like the stock step does.
-- inpainting, with a 33-channel transformer (SD1.5-style inpainting models), concatenates the mask and the masked
+- inpainting, with a 33-channel transformer (the input layout of SD1.5's inpainting models), concatenates the mask and the masked
   image latents on the channels of the stacked input: they are part of each branch's ``hidden_states``, so every
   row, sub-networks included, sees them; the prediction has 16 channels like the latents. With the 16-channel
   transformer the loop instead blends after the step: ``latents = (1 − mask) · noised image + mask · latents``.
