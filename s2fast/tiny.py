@@ -298,3 +298,86 @@ def wan_video_size(pipe, shape: WanShape) -> Dict[str, int]:
     scale = pipe.vae_scale_factor_spatial
     return dict(height=shape.latent_size * scale, width=shape.width * scale,
                 num_frames=(shape.latent_frames - 1) * pipe.vae_scale_factor_temporal + 1)
+
+
+# --- siblings of the SD3 and Flux pipelines (image-to-image, inpainting, Fill, Kontext) ---------------------------
+SD3_SIBLINGS = ("img2img", "inpaint", "inpaint33")
+FLUX_SIBLINGS = ("img2img", "inpaint", "fill", "kontext")
+
+
+def sd3_sibling_pipeline(kind: str, shape: SD3Shape = SD3Shape(), *, seed: int = 0, dtype=torch.float32):
+    """StableDiffusion3Img2ImgPipeline ("img2img") or StableDiffusion3InpaintPipeline ("inpaint": the 16-channel
+    transformer, which blends the image back after each step; "inpaint33": a 33-channel one, which takes the mask
+    and the masked image latents on its input channels) with a random SD3Transformer2DModel of ``shape``. Both
+    encode the image, so they have the tiny VAE."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Img2ImgPipeline,
+        StableDiffusion3InpaintPipeline,
+    )
+
+    if kind not in SD3_SIBLINGS:
+        raise ValueError(f"sd3_sibling_pipeline: kind must be one of {SD3_SIBLINGS}, got {kind!r}")
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=shape.latent_size, patch_size=2, in_channels=33 if kind == "inpaint33" else 16, out_channels=16,
+        num_layers=shape.num_layers, attention_head_dim=shape.head_dim, num_attention_heads=shape.heads,
+        joint_attention_dim=shape.joint_attention_dim, caption_projection_dim=shape.hidden,
+        pooled_projection_dim=shape.pooled_dim, pos_embed_max_size=max(32, shape.latent_size),
+    )
+    cls = StableDiffusion3Img2ImgPipeline if kind == "img2img" else StableDiffusion3InpaintPipeline
+    pipe = cls(transformer=_cast(transformer, dtype).eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+               vae=_cast(_vae(16), dtype), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+               text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_sibling_pipeline(kind: str, shape: FluxShape = FluxShape(), *, seed: int = 0, dtype=torch.float32):
+    """FluxImg2ImgPipeline ("img2img"), FluxInpaintPipeline ("inpaint"), FluxFillPipeline ("fill": a transformer
+    taking latents, masked image latents and the packed mask on its input channels, guidance-distilled like
+    FLUX.1-Fill-dev) or FluxKontextPipeline ("kontext": guidance-distilled like FLUX.1-Kontext-dev) with a random
+    FluxTransformer2DModel of ``shape`` and the tiny VAE (all of them encode an image)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxFillPipeline,
+        FluxImg2ImgPipeline,
+        FluxInpaintPipeline,
+        FluxKontextPipeline,
+        FluxTransformer2DModel,
+    )
+
+    classes = dict(img2img=FluxImg2ImgPipeline, inpaint=FluxInpaintPipeline, fill=FluxFillPipeline,
+                   kontext=FluxKontextPipeline)
+    if kind not in classes:
+        raise ValueError(f"flux_sibling_pipeline: kind must be one of {FLUX_SIBLINGS}, got {kind!r}")
+    torch.manual_seed(seed)
+    vae = _cast(_vae(4), dtype)
+    packed = 4 * vae.config.latent_channels  # 2 × 2 patches of the latents
+    mask_channels = 4 * (2 ** (len(vae.config.block_out_channels) - 1)) ** 2  # the pixel mask, packed per latent patch
+    rope = shape.head_dim // 4
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=2 * packed + mask_channels if kind == "fill" else packed, out_channels=packed,
+        num_layers=shape.num_layers, num_single_layers=shape.num_single_layers, attention_head_dim=shape.head_dim,
+        num_attention_heads=shape.heads, joint_attention_dim=shape.joint_attention_dim,
+        pooled_projection_dim=shape.pooled_dim, guidance_embeds=kind in ("fill", "kontext"),
+        axes_dims_rope=(rope, rope, shape.head_dim - 2 * rope),
+    )
+    pipe = classes[kind](
+        transformer=_cast(transformer, dtype).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sibling_images(pipe, shape, *, seed: int = 2) -> Dict[str, torch.Tensor]:
+    """An input image (values in [0, 1]) and an inpainting mask (1: repaint; the right half) at the pixel size that
+    gives latents of ``shape``, fixed by ``seed``."""
+    side = image_size(pipe, shape)["height"]
+    image = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(1, 1, side, side)
+    mask[..., side // 2:] = 1.0
+    return dict(image=image, mask_image=mask)

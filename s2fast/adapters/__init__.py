@@ -10,7 +10,13 @@ from typing import Dict, Tuple, Type, Union
 # diffusers pipeline class name -> (module, adapter class). One file per family; the engine never names one.
 _FAMILIES = {
     "StableDiffusion3Pipeline": ("s2fast.adapters.sd3", "SD3Adapter"),
+    "StableDiffusion3Img2ImgPipeline": ("s2fast.adapters.sd3_siblings", "SD3Img2ImgAdapter"),
+    "StableDiffusion3InpaintPipeline": ("s2fast.adapters.sd3_siblings", "SD3InpaintAdapter"),
     "FluxPipeline": ("s2fast.adapters.flux", "FluxAdapter"),
+    "FluxImg2ImgPipeline": ("s2fast.adapters.flux_siblings", "FluxImg2ImgAdapter"),
+    "FluxInpaintPipeline": ("s2fast.adapters.flux_siblings", "FluxInpaintAdapter"),
+    "FluxFillPipeline": ("s2fast.adapters.flux_siblings", "FluxFillAdapter"),
+    "FluxKontextPipeline": ("s2fast.adapters.flux_siblings", "FluxKontextAdapter"),
     "DiTPipeline": ("s2fast.adapters.dit", "DiTAdapter"),
     "WanPipeline": ("s2fast.adapters.wan", "WanAdapter"),
     "WanImageToVideoPipeline": ("s2fast.adapters.wan", "WanAdapter"),
@@ -70,7 +76,8 @@ def adapter_class_for(pipeline_class: type) -> Union[Type, None]:
 def adapter_for(pipe):
     """The adapter for ``pipe``'s family; ValueError naming the supported pipelines otherwise.
 
-    Matched by exact class: a sibling such as StableDiffusion3Img2ImgPipeline has another denoising loop.
+    Matched by exact class: each sibling of a family (StableDiffusion3Img2ImgPipeline, FluxKontextPipeline) has a
+    denoising loop of its own, and so an adapter (and registry line) of its own.
     """
     adapter_class = adapter_class_for(type(pipe))
     if adapter_class is None:

@@ -154,6 +154,13 @@ class FamilyAdapter(ModelAdapter):
     supports_fused_step: bool = True
     # Why not, for the error S2Config(fused_step=True) raises at wrap when supports_fused_step is False.
     fused_step_refusal: str = "its loop keeps x_t where the fused step cannot take it"
+    # What the README's table of supported pipelines says of this adapter (written from the registry by
+    # s2fast/adapters/table.py): the family ("" -> the adapter's module name), how its pipeline applies CFG and
+    # how S² is served there, the schedulers it runs with, and what it refuses while wrapped (ValueError at the call).
+    family: str = ""
+    cfg_style: str = "the pipeline's CFG line, handed a value that makes it yield Eq. 4"
+    schedulers: str = "the pipeline's own"
+    refuses: Tuple[str, ...] = ()
 
     @abc.abstractmethod
     def request(self, pipe, call_locals: PipelineLocals, inputs: Dict[str, Any], memo: Dict[str, Any]) -> StepRequest:

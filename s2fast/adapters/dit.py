@@ -27,6 +27,9 @@ class DiTAdapter(FamilyAdapter):
     attention_kwargs_key = "cross_attention_kwargs"
     pipeline_locals = ("guidance_scale", "latent_channels")
     supports_fused_step = False
+    family = "dit"
+    cfg_style = "one call a step on [cond, null class] rows; Eq. 4 on the eps channels, served [D, D]"
+    schedulers = "any (KarrasDiffusionSchedulers)"
 
     def blocks(self, model):
         return list(model.transformer_blocks)

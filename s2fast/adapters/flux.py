@@ -33,6 +33,11 @@ class FluxAdapter(TwoStreamAdapter):
         "controlnet_block_samples": "ControlNet residuals",
         "controlnet_single_block_samples": "ControlNet residuals",
     }
+    family = "flux"
+    cfg_style = ("true CFG (true_cfg_scale > 1 and a negative prompt): cond then uncond call, both served D; "
+                 "else cond only, D = C − ω(S − C)")
+    schedulers = "FlowMatchEulerDiscreteScheduler"
+    refuses = ("IP-Adapter",)
 
     def blocks(self, model):
         return [*model.transformer_blocks, *model.single_transformer_blocks]
@@ -77,11 +82,15 @@ class FluxAdapter(TwoStreamAdapter):
             cond,
             encoder_hidden_states=call_locals["negative_prompt_embeds"],
             pooled_projections=call_locals["negative_pooled_prompt_embeds"],
-            txt_ids=self._negative_txt_ids(cond["txt_ids"], call_locals["negative_text_ids"], memo),
+            txt_ids=self.uncond_txt_ids(cond["txt_ids"], call_locals, memo),
         )
         rows = BranchRows(self.batched_inputs, 2, branches=[uncond, cond])
         # the uncond call that follows in this step is served the same D (the pipeline's line then yields D)
         return StepRequest(rows, float(call_locals["true_cfg_scale"]), respond, follow_ups=1)
+
+    def uncond_txt_ids(self, txt_ids, call_locals, memo):
+        """The text position ids of the loop's uncond call (FluxPipeline encodes the negative prompt's own)."""
+        return self._negative_txt_ids(txt_ids, call_locals["negative_text_ids"], memo)
 
     @staticmethod
     def _negative_txt_ids(txt_ids, negative_txt_ids, memo):

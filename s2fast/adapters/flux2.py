@@ -39,6 +39,10 @@ class Flux2Adapter(FamilyAdapter):
     model_classes = ("Flux2Transformer2DModel",)
     batched_inputs = ("hidden_states", "timestep", "guidance", "encoder_hidden_states")
     shared_inputs = ("img_ids", "txt_ids")
+    family = "flux2"
+    cfg_style = "cond only (guidance-distilled), D = C − ω(S − C); reference-image tokens cut off by the pipeline"
+    schedulers = "FlowMatchEulerDiscreteScheduler"
+    refuses = ("reference KV cache (kv_cache_mode)", "IP-Adapter")
 
     # --- model ------------------------------------------------------------------------------------------------
     def blocks(self, model):
@@ -110,6 +114,8 @@ class Flux2KleinAdapter(Flux2Adapter):
     call; λ is the loop's ``guidance_scale``."""
 
     pipeline_locals = ("i", "t", "timesteps", "latents", "guidance_scale")
+    cfg_style = ("true CFG (guidance_scale > 1, not distilled): cond then uncond call, both served D; distilled: "
+                 "cond only, D = C − ω(S − C)")
     optional_locals = ("negative_prompt_embeds", "negative_text_ids")  # set by the loop only with CFG
 
     def request(self, pipe, call_locals, inputs, memo) -> StepRequest:

@@ -48,6 +48,12 @@ class QwenImageAdapter(FamilyAdapter):
                        "negative_prompt_embeds_mask")
     supports_fused_step = False
     fused_step_refusal = "its norm rescale sits between the CFG combination and the scheduler step"
+    family = "qwenimage"
+    cfg_style = ("true CFG (true_cfg_scale > 1 and a negative prompt): cond then uncond call, both served Eq. 4's D "
+                 "rescaled per token to the true cond's norm, as the pipeline rescales; else cond only, "
+                 "D = C − ω(S − C); Edit-Plus: prediction cut to the noise tokens by the pipeline")
+    schedulers = "FlowMatchEulerDiscreteScheduler"
+    refuses = ("ControlNet residuals", "zero_cond_t models (at wrap)")
 
     # --- model ------------------------------------------------------------------------------------------------
     def blocks(self, model):

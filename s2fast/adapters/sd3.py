@@ -25,6 +25,10 @@ class SD3Adapter(TwoStreamAdapter):
         "skip_layers": "the pipeline's own skip-layer guidance (skip_guidance_layers)",
         "block_controlnet_hidden_states": "ControlNet residuals",
     }
+    family = "sd3"
+    cfg_style = "one call a step on [uncond, cond] rows; served [D, D]"
+    schedulers = "FlowMatchEulerDiscreteScheduler"
+    refuses = ("skip_guidance_layers (use SGGConfig)", "IP-Adapter")
 
     def blocks(self, model):
         return list(model.transformer_blocks)

@@ -35,6 +35,9 @@ class WanAdapter(FamilyAdapter):
     attention_kwargs_key = "attention_kwargs"
     pipeline_locals = ("i", "t", "timesteps", "latents", "negative_prompt_embeds", "current_guidance_scale")
     guidance_local = "current_guidance_scale"  # the loop's λ for this step (the expert's own scale)
+    family = "wan"
+    cfg_style = "cond then uncond call, both served D; two experts switch by step, each with its own λ"
+    schedulers = "UniPCMultistepScheduler (hub default, unfused) or FlowMatchEulerDiscreteScheduler"
 
     # --- model ------------------------------------------------------------------------------------------------
     def blocks(self, model):
@@ -110,3 +113,4 @@ class WanVideoToVideoAdapter(WanAdapter):
     denoisers = ("transformer",)
     pipeline_locals = ("i", "t", "timesteps", "latents", "negative_prompt_embeds", "guidance_scale")
     guidance_local = "guidance_scale"
+    cfg_style = "cond then uncond call, both served D, over the strength-shortened schedule"

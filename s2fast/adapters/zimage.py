@@ -67,6 +67,11 @@ class ZImageAdapter(FamilyAdapter):
     pipeline_locals = ("i", "t", "timesteps", "latents", "apply_cfg", "current_guidance_scale")
     supports_fused_step = False
     fused_step_refusal = "its loop negates the fp32 prediction and renormalises it before the scheduler step"
+    family = "zimage"
+    cfg_style = ("one call on [cond, uncond] rows; the pipeline's form D = C + λ(C − U) − ω(S − C) in fp32, its "
+                 "cfg_normalization with the true C; cond only where cfg_truncation ends CFG")
+    schedulers = "FlowMatchEulerDiscreteScheduler"
+    refuses = ("ControlNet residuals", "omni mode (SigLIP features)")
 
     # --- model ------------------------------------------------------------------------------------------------
     def blocks(self, model):

@@ -12,3 +12,5 @@ class DigitsAdapter(DiTAdapter):
 
     pipeline_locals = DiTAdapter.pipeline_locals + ("latents", "t")  # the fused step reads x_t and the timestep
     supports_fused_step = True
+    family = "dit (digits)"
+    schedulers = "FlowMatchEulerDiscreteScheduler"
