@@ -213,17 +213,23 @@ def test_text_pipelines_generate_from_their_own_tokenizers(tmp_path, folders, na
 # --- errors a user can cause: one line, non-zero exit, no traceback ----------------------------------------------
 
 
-def _unsupported_folder(tmp_path):
-    path = tmp_path / "sd15"
+def _pipeline_folder(tmp_path, name, class_name):
+    path = tmp_path / name
     path.mkdir()
-    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
     return path
+
+
+def _unsupported_folder(tmp_path):
+    return _pipeline_folder(tmp_path, "sd15", "StableDiffusionPipeline")
 
 
 @pytest.mark.parametrize("case, argv, words", [
     ("missing folder", ["./no/such/model", "--prompt", "x"], "no model folder"),
     ("not a pipeline", ["{tmp}", "--prompt", "x"], "no model_index.json"),
     ("unsupported", ["{unsupported}", "--prompt", "x"], "does not support"),
+    # supported by wrap, not by the command: refused from model_index.json alone, before any weights would load
+    ("not the command's", ["{kontext}", "--prompt", "x"], "does not know how to call"),
     ("digit out of range", ["digits", "--prompt", "12"], "outside 0..9"),
     ("digit by name", ["digits", "--prompt", "seven"], "class id"),
     ("negative prompt on digits", ["digits", "--prompt", "1", "--negative-prompt", "x"], "--negative-prompt"),
@@ -235,7 +241,8 @@ def _unsupported_folder(tmp_path):
 ])
 def test_user_errors_end_with_one_line(tmp_path, capsys, case, argv, words):
     (tmp_path / "empty.txt").write_text("\n\n")
-    subs = dict(tmp=tmp_path, unsupported=_unsupported_folder(tmp_path), empty=tmp_path / "empty.txt")
+    subs = dict(tmp=tmp_path, unsupported=_unsupported_folder(tmp_path), empty=tmp_path / "empty.txt",
+                kontext=_pipeline_folder(tmp_path, "kontext", "FluxKontextPipeline"))
     argv = [a.format(**subs) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]

@@ -53,10 +53,16 @@ def _supported_names():
 
 
 def _check_class(class_name: Optional[str], model: str) -> None:
+    """Refuse, before any weights load, a pipeline s2fast does not support or the command does not know how to call
+    (s2fast.wrap serves more pipelines than the command: image-to-image, inpainting and newer families take inputs
+    the command has no options for)."""
     supported = _supported_names()
     if class_name not in supported:
         raise UserError(f"{model} is a {class_name or 'pipeline of unknown class'}, which s2fast does not support "
                         f"(supported: {', '.join(supported)})")
+    if class_name not in FAMILIES:
+        raise UserError(f"{model} is a {class_name}: s2fast.wrap supports it from Python, but the s2fast command "
+                        f"does not know how to call it (it runs {', '.join(FAMILIES)})")
 
 
 def load_pipeline(model: str, dtype: torch.dtype):
