@@ -42,6 +42,12 @@ class Row:
     forward: Callable    # (model, x, t, emb, cond) -> the prediction as the modular loop calls the transformer
     skipped: Callable    # a skipped block's forward: its inputs back in the block's return order
     blocks: str          # the transformer's block list
+    # the scheduler's timesteps as the modular pipeline sets them (fresh scheduler of its class)
+    schedule: Callable = lambda sched, case: sched.set_timesteps(STEPS)
+    # what the loop does to D between the guider and the scheduler, as the classic pipeline does it with CFG at λ
+    finish: Callable = lambda d, cond, lam: d
+    output: Callable = lambda case, x: x  # the reference loop's latents in the modular pipeline's output form
+    classic_scale: str = "guidance_scale"  # the classic pipeline's argument for λ
 
 
 def _sd3():
@@ -81,11 +87,61 @@ def _wan_forward(model, x, t, emb, cond):
     return model(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=pe, return_dict=False)[0]
 
 
+def _qwen():
+    from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage import QwenImageCoreDenoiseStep
+
+    from s2fast import tiny_families
+
+    shape = tiny_families.QwenShape()
+    classic = tiny_families.qwen_pipeline(shape)
+    pipe = QwenImageCoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=classic.transformer, scheduler=classic.scheduler)
+    side = shape.latent_size // 2
+    latents = torch.randn(1, side * side, shape.latent_channels * 4, generator=torch.Generator().manual_seed(0))
+    emb = dict(tiny_families.qwen_embeddings(shape), **tiny_families.qwen_image_size(shape))
+    return pipe, classic, emb, latents
+
+
+def _qwen_forward(model, x, t, emb, cond):
+    pe, mask = ("prompt_embeds", "prompt_embeds_mask") if cond else \
+        ("negative_prompt_embeds", "negative_prompt_embeds_mask")
+    side = emb["height"] // 16
+    return model(hidden_states=x, timestep=t.expand(x.shape[0]).to(x.dtype) / 1000, encoder_hidden_states=emb[pe],
+                 encoder_hidden_states_mask=emb[mask], img_shapes=[[(1, side, side)]] * x.shape[0],
+                 attention_kwargs=None, return_dict=False)[0]
+
+
+def _qwen_schedule(sched, case):
+    """QwenImageSetTimestepsStep: sigmas 1 … 1/N and the resolution-dependent shift."""
+    import numpy as np
+    from diffusers.modular_pipelines.qwenimage.before_denoise import calculate_shift
+
+    c = sched.config
+    mu = calculate_shift(case.latents.shape[1], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)
+
+
+def _qwen_finish(d, cond, lam):
+    """QwenImagePipeline rescales its CFG combination to the cond prediction's norm per token, where it runs CFG."""
+    from s2fast.adapters.qwenimage import norm_rescale
+
+    return d if lam == 1.0 else norm_rescale(d, cond)
+
+
+def _qwen_output(case, x):
+    return case.pipe.pachifier.unpack_latents(x, case.emb["height"], case.emb["width"])
+
+
 ROWS = {
     "sd3": Row("sd3", _sd3, _sd3_forward,
                lambda *a, hidden_states=None, encoder_hidden_states=None, **k: (encoder_hidden_states, hidden_states),
                "transformer_blocks"),
     "wan": Row("wan", _wan, _wan_forward, lambda hidden_states, *a, **k: hidden_states, "blocks"),
+    "qwenimage": Row("qwenimage", _qwen, _qwen_forward,
+                     lambda *a, hidden_states=None, encoder_hidden_states=None, **k: (encoder_hidden_states,
+                                                                                      hidden_states),
+                     "transformer_blocks", _qwen_schedule, _qwen_finish, _qwen_output, "true_cfg_scale"),
 }
 
 
@@ -113,18 +169,27 @@ class Case:
             for i in indices:
                 del blocks[i].forward
 
-    def loop(self, guide: Callable):
-        """The plain loop: ``guide(i, uncond(), cond(), skip(blocks))`` -> D per step, then the scheduler."""
+    def loop(self, guide: Callable, lam: float = LAM):
+        """The plain loop: ``guide(i, uncond(), cond(), skip(blocks))`` -> D per step, the family's finish of D
+        (the classic pipeline's, with CFG at ``lam``), then the scheduler."""
         sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        sched.set_timesteps(STEPS)
+        self.row.schedule(sched, self)
         x = self.latents.clone()
         for i, t in enumerate(sched.timesteps):
+            kept = {}
+
             def run(cond, skip=(), x=x, t=t):
                 with self.skipping(skip):
                     return self.row.forward(self.model, x, t, self.emb, cond)
-            d = guide(i, lambda: run(False), lambda: run(True), lambda blocks: run(True, blocks))
+
+            def cond():
+                if "c" not in kept:
+                    kept["c"] = run(True)
+                return kept["c"]
+            d = guide(i, lambda: run(False), cond, lambda blocks: run(True, blocks))
+            d = self.row.finish(d, cond(), lam)
             x = sched.step(d, t, x, return_dict=False)[0]
-        return x
+        return self.row.output(self, x)
 
     def three_pass(self, trace, lam=LAM, omega=0.5, cfg=True):
         def guide(i, uncond, cond, skip):
@@ -136,7 +201,7 @@ class Case:
             if trace[i]:
                 d = d - omega * (skip(trace[i]) - c)
             return d
-        return self.loop(guide)
+        return self.loop(guide, lam if cfg else 1.0)
 
 
 @pytest.fixture(scope="module", params=list(ROWS))
@@ -247,8 +312,8 @@ def test_equals_wrap_on_the_classic_pipeline(case):
     s2fast.wrap(case.classic, config)
     try:
         classic = case.classic(**case.emb, latents=case.latents.clone(), num_inference_steps=STEPS,
-                               guidance_scale=LAM, output_type="latent")
-        classic = getattr(classic, "images", None) if hasattr(classic, "images") else classic.frames
+                               output_type="latent", **{case.row.classic_scale: LAM})
+        classic = case.row.output(case, classic.images if hasattr(classic, "images") else classic.frames)
         trace = s2fast.trace(case.classic)
     finally:
         s2fast.unwrap(case.classic)

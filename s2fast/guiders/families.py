@@ -23,11 +23,16 @@ class ModularFamily:
     the transformer. ``field_arguments``: guider batch fields whose transformer argument has another name.
     ``extra_inputs``: transformer arguments the adapter reads beyond its ``batched_inputs`` and its attention
     kwargs. Any other argument the loop passes is refused, naming it: the engine would otherwise ignore it.
+    ``cond_norm_rescale``: the loop rescales the guider's ``pred`` to ``pred_cond``'s norm per token after the
+    guider (Qwen-Image's loop does, always). The family's classic pipeline does that rescale only where it runs
+    CFG, so the guider reports its own ``pred`` as ``pred_cond`` where CFG is off (λ = 1 or disabled): the
+    loop's rescale is then exactly 1 and the result is D, as under s2fast.wrap.
     """
 
     adapter: str
     field_arguments: Dict[str, str] = field(default_factory=dict)
     extra_inputs: Tuple[str, ...] = ()
+    cond_norm_rescale: bool = False
 
     def adapter_class(self):
         module, name = self.adapter.split(":")
@@ -38,10 +43,14 @@ class ModularFamily:
 
 
 # transformer class name -> family. The diffusers 0.42 modular loops: stable_diffusion_3/denoise.py
-# (StableDiffusion3LoopDenoiser) and wan/denoise.py (WanLoopDenoiser, Wan22LoopDenoiser: one guider per expert).
+# (StableDiffusion3LoopDenoiser), wan/denoise.py (WanLoopDenoiser, Wan22LoopDenoiser: one guider per expert) and
+# qwenimage/denoise.py (QwenImageLoopDenoiser: img_shapes reaches the transformer beside the guider's fields, and
+# the loop rescales the guided prediction to the cond one's norm).
 _FAMILIES: Dict[str, ModularFamily] = {
     "SD3Transformer2DModel": ModularFamily("s2fast.adapters.sd3:SD3Adapter", {"text_embeds": "pooled_projections"}),
     "WanTransformer3DModel": ModularFamily("s2fast.adapters.wan:WanAdapter"),
+    "QwenImageTransformer2DModel": ModularFamily("s2fast.adapters.qwenimage:QwenImageAdapter",
+                                                 extra_inputs=("img_shapes",), cond_norm_rescale=True),
 }
 
 

@@ -79,6 +79,7 @@ class _EngineGuidance(BaseGuidance):
         self._batches: List[Any] = []
         self._served: Dict[str, torch.Tensor] = {}       # this step's predictions, by identifier
         self._step_plan: Optional[StepGuidance] = None   # this step's plan at the model's block count
+        self._family: Optional[ModularFamily] = None     # the family of the transformer this step ran
 
     # --- diffusers' guider protocol --------------------------------------------------------------------------
     def new(self, **kwargs):
@@ -104,6 +105,7 @@ class _EngineGuidance(BaseGuidance):
         self._batches = []
         self._served = {}
         self._step_plan = None
+        self._family = None
 
     def prepare_inputs(self, data: Dict[str, Any]) -> List[Any]:
         self._batches = [self._prepare_batch(data, self._tuple_index(n), n) for n in self._names]
@@ -123,6 +125,7 @@ class _EngineGuidance(BaseGuidance):
         if index == 0:
             family = family_for(denoiser, type(self).__name__)
             controller = self._controller(family, denoiser)
+            self._family = family
 
             def serve(model, args, kwargs):
                 return self._compute(controller, family, model, args, kwargs)
@@ -143,7 +146,14 @@ class _EngineGuidance(BaseGuidance):
         scale = None if pred_uncond is None else self.guidance_scale + step.guidance_offset
         subs = [] if pred_sub is None else [pred_sub]
         pred = guided_prediction(pred_cond, pred_uncond, subs, scale, step.omega)
-        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        reported_cond = pred_cond
+        if self._family is not None and self._family.cond_norm_rescale and not self._cfg_on():
+            reported_cond = pred  # the loop's rescale by ‖pred_cond‖/‖pred‖ is then exactly 1 (ModularFamily)
+        return GuiderOutput(pred=pred, pred_cond=reported_cond, pred_uncond=pred_uncond)
+
+    def _cfg_on(self) -> bool:
+        """Whether this call runs CFG, as a classic pipeline decides it for the whole call (λ ≠ 1)."""
+        return self._enabled and not math.isclose(self.guidance_scale, 1.0)
 
     @property
     def is_conditional(self) -> bool:
@@ -215,6 +225,7 @@ class _EngineGuidance(BaseGuidance):
             controller = Controller(adapter_class(), self.s2fast_config, graph_backend=self._graph_backend)
             self._controllers[adapter_class] = controller
         self.s2fast_config.check_blocks(controller.adapter.num_blocks(model))
+        controller.adapter.check_denoiser(model)
         found = binding.incompatible_hooks(model)
         if found:
             raise ValueError(f"s2fast.{type(self).__name__} cannot run under what is on the {type(model).__name__}: "
