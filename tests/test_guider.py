@@ -182,7 +182,7 @@ class Case:
                 with self.skipping(skip):
                     return self.row.forward(self.model, x, t, self.emb, cond)
 
-            def cond():
+            def cond(kept=kept):
                 if "c" not in kept:
                     kept["c"] = run(True)
                 return kept["c"]
