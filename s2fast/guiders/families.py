@@ -45,12 +45,15 @@ class ModularFamily:
 # transformer class name -> family. The diffusers 0.42 modular loops: stable_diffusion_3/denoise.py
 # (StableDiffusion3LoopDenoiser), wan/denoise.py (WanLoopDenoiser, Wan22LoopDenoiser: one guider per expert) and
 # qwenimage/denoise.py (QwenImageLoopDenoiser: img_shapes reaches the transformer beside the guider's fields, and
-# the loop rescales the guided prediction to the cond one's norm).
+# the loop rescales the guided prediction to the cond one's norm), flux2/denoise.py (Flux2KleinBaseLoopDenoiser, the
+# one Flux.2 loop with a guider: txt_ids is a guider field, img_ids goes beside; Flux2LoopDenoiser and
+# Flux2KleinLoopDenoiser, for the guidance-distilled models, call the transformer once per step without a guider).
 _FAMILIES: Dict[str, ModularFamily] = {
     "SD3Transformer2DModel": ModularFamily("s2fast.adapters.sd3:SD3Adapter", {"text_embeds": "pooled_projections"}),
     "WanTransformer3DModel": ModularFamily("s2fast.adapters.wan:WanAdapter"),
     "QwenImageTransformer2DModel": ModularFamily("s2fast.adapters.qwenimage:QwenImageAdapter",
                                                  extra_inputs=("img_shapes",), cond_norm_rescale=True),
+    "Flux2Transformer2DModel": ModularFamily("s2fast.adapters.flux2:Flux2Adapter", extra_inputs=("img_ids", "txt_ids")),
 }
 
 
