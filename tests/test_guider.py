@@ -11,7 +11,6 @@ sub-network off it, where the references make batch-B calls; fp32 GEMMs of diffe
 (~1e-7 relative per op), which the steps carry. ``TOL`` (1e-4 relative and absolute, on latents of magnitude ~1–5)
 bounds that; the method moves the result by far more (each comparison checks a change above the row's ``moves``:
 1e-2, and 1e-3 for the tiny Flux.2, whose predictions are small — still ten times TOL).
-Flux.2, whose predictions are small — still ten times TOL).
 """
 
 from __future__ import annotations
