@@ -54,6 +54,7 @@ class Row:
     skip_context: Callable = None         # (model, indices) -> context skipping those blocks as the forward calls them
     count_blocks: Callable = None         # the adapter's block count, where it is not len(blocks)
     moves: float = 1e-2                   # the least change S² (or SGG's skip term) makes to the latents here
+    classic_lam: Callable = lambda lam: lam  # the classic pipeline's scale for the guider's λ
 
 
 def _sd3():
@@ -206,6 +207,40 @@ def _flux2_skipping(model, indices):
     return _flux2_skipping(model, indices)
 
 
+def _zimage():
+    from diffusers.modular_pipelines.z_image.modular_blocks_z_image import ZImageCoreDenoiseStep
+
+    from s2fast import tiny_families
+
+    shape = tiny_families.ZImageShape()
+    classic = tiny_families.zimage_pipeline(shape)
+    pipe = ZImageCoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=classic.transformer, scheduler=classic.scheduler)
+    latents = torch.randn(1, shape.latent_channels, shape.latent_size, shape.latent_size,
+                          generator=torch.Generator().manual_seed(0))
+    emb = dict(tiny_families.zimage_embeddings(shape), height=shape.latent_size * 8, width=shape.latent_size * 8)
+    return pipe, classic, emb, latents
+
+
+def _zimage_forward(model, x, t, emb, cond):
+    """ZImageLoopBeforeDenoiser / ZImageLoopDenoiser: per-sample lists in, the stacked prediction negated."""
+    caps = emb["prompt_embeds" if cond else "negative_prompt_embeds"]
+    timestep = (1000 - t.expand(x.shape[0]).to(x.dtype)) / 1000
+    out = model(x=list(x.unsqueeze(2).unbind(0)), t=timestep, cap_feats=list(caps), return_dict=False)[0]
+    return -torch.stack(out, dim=0).squeeze(2)
+
+
+def _zimage_schedule(sched, case):
+    """ZImageSetTimestepsStep: its default sigmas and the resolution-dependent shift."""
+    from diffusers.modular_pipelines.z_image.before_denoise import calculate_shift, get_default_z_image_sigmas
+
+    c = sched.config
+    mu = calculate_shift((case.latents.shape[2] // 2) * (case.latents.shape[3] // 2),
+                         base_seq_len=c.get("base_image_seq_len", 256), max_seq_len=c.get("max_image_seq_len", 4096),
+                         base_shift=c.get("base_shift", 0.5), max_shift=c.get("max_shift", 1.15))
+    sched.set_timesteps(sigmas=get_default_z_image_sigmas(STEPS), mu=mu)
+
+
 ROWS = {
     "sd3": Row("sd3", _sd3, _sd3_forward,
                lambda *a, hidden_states=None, encoder_hidden_states=None, **k: (encoder_hidden_states, hidden_states),
@@ -221,6 +256,8 @@ ROWS = {
                        skip_context=_flux2_skipping,
                        count_blocks=lambda m: len(m.transformer_blocks) + len(m.single_transformer_blocks),
                        moves=1e-3),
+    "zimage": Row("zimage", _zimage, _zimage_forward, lambda x, *a, **k: x, "layers", _zimage_schedule,
+                  classic_lam=lambda lam: lam - 1),  # ZImagePipeline's line is C + λ'(C − U)
 }
 
 
@@ -395,7 +432,8 @@ def test_equals_wrap_on_the_classic_pipeline(case):
     s2fast.wrap(case.classic, config)
     try:
         classic = case.classic(**case.emb, latents=case.latents.clone(), num_inference_steps=STEPS,
-                               output_type="latent", **{case.row.classic_scale: LAM})
+                               output_type="latent",
+                               **{case.row.classic_scale: case.row.classic_lam(LAM)})
         classic = classic.images if hasattr(classic, "images") else classic.frames
         classic = case.row.classic_output(case, classic) if case.row.classic_output else classic
         trace = s2fast.trace(case.classic)
