@@ -598,6 +598,27 @@ def test_error_at_the_call_leaves_nothing():
     _clean(case.model)
 
 
+def test_qwen_zero_cond_t_refused():
+    """A Qwen-Image model with zero_cond_t (2B-row modulation) is refused at the guider's first batch, as at wrap,
+    and nothing is left on it."""
+    from s2fast import tiny_families
+
+    case = Case(ROWS["qwenimage"])
+    model = tiny_families.qwen_transformer(tiny_families.QwenShape(), zero_cond_t=True)
+    case.pipe.update_components(transformer=model)
+    with pytest.raises(ValueError, match="zero_cond_t"):
+        case(_s2())
+    _clean(model)
+
+
+def test_zimage_omni_mode_refused():
+    """Z-Image's omni mode (a nested list per sample) is refused by name before the engine runs."""
+    from s2fast.guiders.guidance import _from_sample_lists
+
+    with pytest.raises(ValueError, match="omni mode"):
+        _from_sample_lists({"x": [[torch.zeros(4, 1, 8, 8)]], "t": torch.zeros(1)})
+
+
 def test_block_graphs_under_the_guider():
     """The guider's engine runs through block graphs as wrap's does (CPU stand-in: graphs.EagerBackend): every
     mask replays the graphs captured at the first step, bit-equal to the eager blocks; release_graphs frees them."""
