@@ -23,11 +23,20 @@ class ModularFamily:
     the transformer. ``field_arguments``: guider batch fields whose transformer argument has another name.
     ``extra_inputs``: transformer arguments the adapter reads beyond its ``batched_inputs`` and its attention
     kwargs. Any other argument the loop passes is refused, naming it: the engine would otherwise ignore it.
+    ``cond_norm_rescale``: the loop rescales the guider's ``pred`` to ``pred_cond``'s norm per token after the
+    guider (Qwen-Image's loop does, always). The family's classic pipeline does that rescale only where it runs
+    CFG, so the guider reports its own ``pred`` as ``pred_cond`` where CFG is off (λ = 1 or disabled): the
+    loop's rescale is then exactly 1 and the result is D, as under s2fast.wrap.
     """
 
     adapter: str
     field_arguments: Dict[str, str] = field(default_factory=dict)
     extra_inputs: Tuple[str, ...] = ()
+    cond_norm_rescale: bool = False
+    # the loop passes per-sample lists (Z-Image: ``x`` a list of [C, 1, H, W] latents, ``t``, ``cap_feats`` a list of
+    # caption features) and stacks the list it gets back: the adapter's inputs are ``hidden_states`` (the stacked
+    # latents) and ``timestep``, and the answer is the prediction as a list of samples
+    sample_lists: bool = False
 
     def adapter_class(self):
         module, name = self.adapter.split(":")
@@ -38,10 +47,21 @@ class ModularFamily:
 
 
 # transformer class name -> family. The diffusers 0.42 modular loops: stable_diffusion_3/denoise.py
-# (StableDiffusion3LoopDenoiser) and wan/denoise.py (WanLoopDenoiser, Wan22LoopDenoiser: one guider per expert).
+# (StableDiffusion3LoopDenoiser), wan/denoise.py (WanLoopDenoiser, Wan22LoopDenoiser: one guider per expert) and
+# qwenimage/denoise.py (QwenImageLoopDenoiser: img_shapes reaches the transformer beside the guider's fields, and
+# the loop rescales the guided prediction to the cond one's norm), flux2/denoise.py (Flux2KleinBaseLoopDenoiser, the
+# one Flux.2 loop with a guider: txt_ids is a guider field, img_ids goes beside; Flux2LoopDenoiser and
+# Flux2KleinLoopDenoiser, for the guidance-distilled models, call the transformer once per step without a guider) and
+# z_image/denoise.py (ZImageLoopDenoiser: per-sample lists, negated predictions, ClassifierFreeGuidance's own CFG
+# line: it has no cfg_normalization or cfg_truncation, which only the classic ZImagePipeline does).
 _FAMILIES: Dict[str, ModularFamily] = {
     "SD3Transformer2DModel": ModularFamily("s2fast.adapters.sd3:SD3Adapter", {"text_embeds": "pooled_projections"}),
     "WanTransformer3DModel": ModularFamily("s2fast.adapters.wan:WanAdapter"),
+    "QwenImageTransformer2DModel": ModularFamily("s2fast.adapters.qwenimage:QwenImageAdapter",
+                                                 extra_inputs=("img_shapes",), cond_norm_rescale=True),
+    "Flux2Transformer2DModel": ModularFamily("s2fast.adapters.flux2:Flux2Adapter", extra_inputs=("img_ids", "txt_ids")),
+    "ZImageTransformer2DModel": ModularFamily("s2fast.adapters.zimage:ZImageAdapter",
+                                              extra_inputs=("patch_size", "f_patch_size"), sample_lists=True),
 }
 
 

@@ -79,6 +79,7 @@ class _EngineGuidance(BaseGuidance):
         self._batches: List[Any] = []
         self._served: Dict[str, torch.Tensor] = {}       # this step's predictions, by identifier
         self._step_plan: Optional[StepGuidance] = None   # this step's plan at the model's block count
+        self._family: Optional[ModularFamily] = None     # the family of the transformer this step ran
 
     # --- diffusers' guider protocol --------------------------------------------------------------------------
     def new(self, **kwargs):
@@ -104,6 +105,7 @@ class _EngineGuidance(BaseGuidance):
         self._batches = []
         self._served = {}
         self._step_plan = None
+        self._family = None
 
     def prepare_inputs(self, data: Dict[str, Any]) -> List[Any]:
         self._batches = [self._prepare_batch(data, self._tuple_index(n), n) for n in self._names]
@@ -123,6 +125,7 @@ class _EngineGuidance(BaseGuidance):
         if index == 0:
             family = family_for(denoiser, type(self).__name__)
             controller = self._controller(family, denoiser)
+            self._family = family
 
             def serve(model, args, kwargs):
                 return self._compute(controller, family, model, args, kwargs)
@@ -143,7 +146,14 @@ class _EngineGuidance(BaseGuidance):
         scale = None if pred_uncond is None else self.guidance_scale + step.guidance_offset
         subs = [] if pred_sub is None else [pred_sub]
         pred = guided_prediction(pred_cond, pred_uncond, subs, scale, step.omega)
-        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        reported_cond = pred_cond
+        if self._family is not None and self._family.cond_norm_rescale and not self._cfg_on():
+            reported_cond = pred  # the loop's rescale by ‖pred_cond‖/‖pred‖ is then exactly 1 (ModularFamily)
+        return GuiderOutput(pred=pred, pred_cond=reported_cond, pred_uncond=pred_uncond)
+
+    def _cfg_on(self) -> bool:
+        """Whether this call runs CFG, as a classic pipeline decides it for the whole call (λ ≠ 1)."""
+        return self._enabled and not math.isclose(self.guidance_scale, 1.0)
 
     @property
     def is_conditional(self) -> bool:
@@ -215,6 +225,7 @@ class _EngineGuidance(BaseGuidance):
             controller = Controller(adapter_class(), self.s2fast_config, graph_backend=self._graph_backend)
             self._controllers[adapter_class] = controller
         self.s2fast_config.check_blocks(controller.adapter.num_blocks(model))
+        controller.adapter.check_denoiser(model)
         found = binding.incompatible_hooks(model)
         if found:
             raise ValueError(f"s2fast.{type(self).__name__} cannot run under what is on the {type(model).__name__}: "
@@ -226,6 +237,8 @@ class _EngineGuidance(BaseGuidance):
         state = controller.state(model)
         inputs = _call_inputs(state.signature, model, args, kwargs)
         return_dict = inputs.pop("return_dict", True)
+        if family.sample_lists:
+            inputs = _from_sample_lists(inputs)
         self._check_inputs(adapter, family, model, inputs)
         run, step = self._run, self._step
         planned = run.guidance(self.s2fast_config, step, state.num_blocks)
@@ -236,7 +249,11 @@ class _EngineGuidance(BaseGuidance):
         branches = [inputs]
         if UNCOND in self._names:
             branches.insert(0, self._uncond_inputs(family, inputs))
-        rows = BranchRows(adapter.batched_inputs, len(branches), branches=branches)
+        if family.sample_lists and len(branches) > 1:
+            # one batch of [uncond..., cond...] samples, as the family's own pipeline stacks them (lists concatenate)
+            rows = BranchRows(adapter.batched_inputs, 2, stacked=_stack_samples(branches, adapter.batched_inputs))
+        else:
+            rows = BranchRows(adapter.batched_inputs, len(branches), branches=branches)
         predictions = controller.predictions(model, state, run, rows, subnets)
         cond = predictions[rows.count - 1]
         self._served = {COND: cond}
@@ -248,13 +265,18 @@ class _EngineGuidance(BaseGuidance):
             self._served[self._sub_prediction] = mean_of_subs(predictions[rows.count:])
         self._step_plan = planned
         run.trace[step] = subnets
-        return model_output(cond, return_dict)
+        return self._answer(cond, return_dict)
+
+    def _answer(self, prediction: torch.Tensor, return_dict):
+        family = self._family
+        return model_output(list(prediction.unbind(0)) if family is not None and family.sample_lists else prediction,
+                            return_dict)
 
     def _serve(self, name: str, args, kwargs):
         if name not in self._served:
             raise RuntimeError(f"s2fast.{type(self).__name__}: the {name} batch was called before the {COND} batch "
                                "of its step; the loop is not diffusers' modular loop")
-        return model_output(self._served[name], kwargs.get("return_dict", True))
+        return self._answer(self._served[name], kwargs.get("return_dict", True))
 
     def _check_inputs(self, adapter, family: ModularFamily, model, inputs: Dict[str, Any]) -> None:
         """Every argument the loop passes must be one the engine reads: anything else would be silently ignored."""
@@ -294,8 +316,34 @@ class _EngineGuidance(BaseGuidance):
                                    f"{tuple(cond_value.shape)}, the transformer's {argument!r} {tuple(passed.shape)}")
             if isinstance(passed, torch.Tensor) and isinstance(uncond_value, torch.Tensor):
                 uncond_value = uncond_value.to(device=passed.device, dtype=passed.dtype)
+            elif isinstance(passed, list) and isinstance(uncond_value, list) and passed \
+                    and isinstance(passed[0], torch.Tensor):  # per-sample lists (Z-Image's caption features)
+                uncond_value = [v.to(device=passed[0].device, dtype=passed[0].dtype) for v in uncond_value]
             out[argument] = uncond_value
         return out
+
+
+def _from_sample_lists(inputs: Dict[str, Any]) -> Dict[str, Any]:
+    """A per-sample-list call's arguments (x, t) under the adapter's names (ModularFamily.sample_lists)."""
+    out = dict(inputs)
+    x = out.pop("x", None)
+    if isinstance(x, list) and x and isinstance(x[0], list):
+        raise ValueError("s2fast's guiders do not support Z-Image's omni mode (nested lists); use diffusers' own "
+                         "guiders for this call")
+    out["hidden_states"] = torch.stack(x) if isinstance(x, list) else x
+    out["timestep"] = out.pop("t", None)
+    return out
+
+
+def _stack_samples(branches: List[Dict[str, Any]], batched: Tuple[str, ...]) -> Dict[str, Any]:
+    out = dict(branches[-1])
+    for key in batched:
+        values = [b.get(key) for b in branches]
+        if all(isinstance(v, list) for v in values):
+            out[key] = [item for v in values for item in v]
+        elif all(isinstance(v, torch.Tensor) for v in values):
+            out[key] = torch.cat(values, dim=0)
+    return out
 
 
 class S2Guidance(_EngineGuidance):
