@@ -77,14 +77,15 @@ class Setting:
 
 
 def settings(family: str, lams: Sequence[float], omegas: Sequence[float], skip_scales: Sequence[float],
-             family_lams: Sequence[float]) -> List[Setting]:
-    """The grid of one family: CFG and AutoGuidance over ``lams``; the others over ``family_lams``."""
+             family_lams: Sequence[float], s2_intervals: Sequence[Optional[tuple]] = (None, CENTRAL_80)) -> List[Setting]:
+    """The grid of one family: CFG and AutoGuidance over ``lams``; the others over ``family_lams``; S² at each of
+    ``s2_intervals`` (None: every step)."""
     if family == "none":
         return [Setting("none")]
     if family in ("cfg", "auto"):
         return [Setting(family, lam) for lam in lams]
     if family == "s2":
-        return [Setting("s2", lam, w, where) for lam in family_lams for w in omegas for where in (None, CENTRAL_80)]
+        return [Setting("s2", lam, w, where) for lam in family_lams for w in omegas for where in s2_intervals]
     if family == "naive":
         return [Setting("naive", lam, w) for lam in family_lams for w in omegas]
     return [Setting(family, lam, s) for lam in family_lams for s in skip_scales]
@@ -176,7 +177,7 @@ def run(args) -> None:
         with open(os.path.join(args.out, "floor.json"), "w") as f:
             json.dump({"meta": meta, "per_set": rows, **summarise(rows)}, f, indent=1)
     for family in args.families:
-        grid = settings(family, args.lams, args.omegas, args.skip_scales, args.family_lams)
+        grid = settings(family, args.lams, args.omegas, args.skip_scales, args.family_lams, args.s2_intervals)
         start, rows = time.perf_counter(), []
         for setting in tqdm(grid, desc=f"{family} ({os.path.basename(args.checkpoint.rstrip('/'))})", unit="setting"):
             per_seed, t0 = [], time.perf_counter()
@@ -186,9 +187,10 @@ def run(args) -> None:
                          "per_seed": per_seed, **summarise(per_seed)})
         record = {"meta": {**meta, "family": family, "seconds": round(time.perf_counter() - start, 1),
                            "command": "python -m s2fast.digits.frontier " + " ".join(args.argv)}, "rows": rows}
-        with open(os.path.join(args.out, f"{family}.json"), "w") as f:
+        name = f"{family}{args.tag}.json"
+        with open(os.path.join(args.out, name), "w") as f:
             json.dump(record, f, indent=1)
-        print(f"{family}: {len(rows)} settings in {record['meta']['seconds']:.0f} s -> {args.out}/{family}.json")
+        print(f"{family}: {len(rows)} settings in {record['meta']['seconds']:.0f} s -> {args.out}/{name}")
 
 
 def _training_step(path: str) -> Optional[int]:
@@ -217,6 +219,9 @@ def parse_args(argv=None):
     r.add_argument("--family-lams", type=floats, default=[1.5, 2.0], help="λ of S², naive, SLG, SGG (default 1.5,2)")
     r.add_argument("--omegas", type=floats, default=[0.1, 0.25, 0.5], help="S² / naive ω (default 0.1,0.25,0.5)")
     r.add_argument("--skip-scales", type=floats, default=[0.5, 1.0, 2.0], help="SLG / SGG scale s (default 0.5,1,2)")
+    r.add_argument("--s2-intervals", default="full,central80",
+                   help="S²'s placements: full (every step), central80 (σ in [0.1, 0.9]); default both")
+    r.add_argument("--tag", default="", help="suffix of the output file names (<family><tag>.json), to split a family")
     r.add_argument("--floor", action="store_true", help="also score held-out real digits (floor.json)")
     rep = sub.add_parser("report", help="merge the families of one folder into results.md and frontier.png")
     rep.add_argument("--out", required=True)
@@ -234,6 +239,11 @@ def parse_args(argv=None):
             p.error(str(e))
         if args.steps < 1:
             p.error("--steps must be at least 1")
+        places = {"full": None, "central80": CENTRAL_80}
+        chosen = [v for v in args.s2_intervals.split(",") if v]
+        if not chosen or set(chosen) - set(places):
+            p.error("--s2-intervals: choose from full,central80")
+        args.s2_intervals = [places[v] for v in chosen]
     return args
 
 
