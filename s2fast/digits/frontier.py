@@ -185,11 +185,13 @@ def run(args) -> None:
                 per_seed.append(scorer.score(generate(pipe, setting, labels, seed, args.steps, weak), labels))
             rows.append({**asdict(setting), "name": setting.name, "seconds": round(time.perf_counter() - t0, 1),
                          "per_seed": per_seed, **summarise(per_seed)})
-        record = {"meta": {**meta, "family": family, "seconds": round(time.perf_counter() - start, 1),
-                           "command": "python -m s2fast.digits.frontier " + " ".join(args.argv)}, "rows": rows}
-        name = f"{family}{args.tag}.json"
-        with open(os.path.join(args.out, name), "w") as f:
-            json.dump(record, f, indent=1)
+            # written after every setting, so a run stopped early keeps the settings it finished
+            record = {"meta": {**meta, "family": family, "seconds": round(time.perf_counter() - start, 1),
+                               "settings_planned": len(grid),
+                               "command": "python -m s2fast.digits.frontier " + " ".join(args.argv)}, "rows": rows}
+            name = f"{family}{args.tag}.json"
+            with open(os.path.join(args.out, name), "w") as f:
+                json.dump(record, f, indent=1)
         print(f"{family}: {len(rows)} settings in {record['meta']['seconds']:.0f} s -> {args.out}/{name}")
 
 

@@ -80,8 +80,11 @@ def markdown(data: Dict[str, dict], folder: str) -> str:
     commands: Dict[str, List[str]] = {}
     for name, record in data.items():
         if name != "floor":
+            planned = record["meta"].get("settings_planned")
+            stopped = f", stopped after {len(record['rows'])} of {planned} settings" if planned and \
+                len(record["rows"]) < planned else ""
             commands.setdefault(record["meta"]["command"], []).append(
-                f"{name} {record['meta']['seconds'] / 60:.1f} min")
+                f"{name} {record['meta']['seconds'] / 60:.1f} min{stopped}")
     for command, parts in commands.items():
         lines.append(f"- `{command}` ({', '.join(parts)})")
     lines.append("")
