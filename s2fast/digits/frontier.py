@@ -227,6 +227,8 @@ def parse_args(argv=None):
     r.add_argument("--floor", action="store_true", help="also score held-out real digits (floor.json)")
     rep = sub.add_parser("report", help="merge the families of one folder into results.md and frontier.png")
     rep.add_argument("--out", required=True)
+    summ = sub.add_parser("checkpoints", help="unguided against CFG for every step_* folder under --out")
+    summ.add_argument("--out", required=True)
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     if args.command == "run":
@@ -253,10 +255,17 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.command == "run":
         run(args)
-    else:
+    elif args.command == "report":
         from .frontier_report import report
 
         report(args.out)
+    else:
+        from .frontier_report import checkpoints_table
+
+        text = checkpoints_table(args.out)
+        with open(os.path.join(args.out, "checkpoints.md"), "w") as f:
+            f.write(text)
+        print(text)
 
 
 if __name__ == "__main__":

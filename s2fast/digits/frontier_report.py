@@ -169,3 +169,23 @@ def report(folder: str) -> None:
     plot(data, os.path.join(folder, "frontier.png"))
     print(text)
     print(f"wrote {folder}/results.md and frontier.png")
+
+
+def checkpoints_table(root: str) -> str:
+    """Unguided against CFG for every checkpoint folder under ``root`` (each a frontier run's output)."""
+    lines = ["| checkpoint (training step) | seeds × samples | unguided accuracy % | unguided Fréchet | best CFG λ | "
+             "CFG accuracy % | CFG Fréchet | CFG better by (Fréchet) |", "|---|---|---|---|---|---|---|---|"]
+    for folder in sorted(glob.glob(os.path.join(root, "step_*")), key=lambda p: int(p.rsplit("_", 1)[1])):
+        data = load(folder)
+        if "none" not in data or not any(k.startswith("cfg") for k in data):
+            continue
+        none = data["none"]["rows"][0]
+        cfg = [r for k, d in data.items() if k.startswith("cfg") for r in d["rows"]]
+        best = min(cfg, key=lambda r: r["frechet"])
+        meta = data["none"]["meta"]
+        tried = ", ".join(f"{r['lam']:g}" for r in sorted(cfg, key=lambda r: r["lam"]))
+        lines.append(f"| {meta['step']} | {len(meta['seeds'])} × {meta['samples']} | {_fmt(none, 'accuracy', 100, 1)} | "
+                     f"{_fmt(none, 'frechet', 1, 1)} | {best['lam']:g} (of {tried}) | "
+                     f"{_fmt(best, 'accuracy', 100, 1)} | {_fmt(best, 'frechet', 1, 1)} | "
+                     f"{none['frechet'] - best['frechet']:+.1f} |")
+    return "\n".join(lines) + "\n"
