@@ -82,11 +82,15 @@ def row(family, acc, fid, **extra):
             "precision_spread": 0.0, "recall": 0.5, "recall_spread": 0.0, "seconds": 1.0, **extra}
 
 
-def test_pareto_and_best_at_matched_accuracy():
+def test_pareto_and_cfg_at_matched_accuracy():
     rows = [row("cfg", 0.90, 10), row("cfg", 0.95, 12), row("cfg", 0.94, 15), row("cfg", 0.99, 30)]
     assert [r["frechet"] for r in frontier_report.pareto(rows)] == [10, 12, 30]  # (0.94, 15) is dominated
     assert frontier_report.best_at(rows, 0.93)["frechet"] == 12
     assert frontier_report.best_at(rows, 0.995) is None
+    curve = [dict(row("cfg", a, f), lam=lam) for lam, a, f in ((1.0, 0.3, 400), (2.0, 0.5, 300), (3.0, 0.7, 280))]
+    assert frontier_report.cfg_at(curve, 0.4) == pytest.approx(350)   # halfway between λ = 1 and 2
+    assert frontier_report.cfg_at(curve, 0.65) == pytest.approx(285)
+    assert frontier_report.cfg_at(curve, 0.75) is None                # beyond the grid: no extrapolation
 
 
 def test_report_merges_family_files(tmp_path):
@@ -100,8 +104,8 @@ def test_report_merges_family_files(tmp_path):
     frontier.main(["report", "--out", str(tmp_path)])
     text = (tmp_path / "results.md").read_text()
     assert "training step 600" in text and "S² (σ in [0.1, 0.9])" in text
-    # at CFG's best-Fréchet accuracy (95 %) S² reaches 14 against CFG's 15
-    assert "| 95.0 | S² (all steps) | s2 0.96 14 | 96.0 ± 1.0 | 14.00 ± 1.00 | -1.00 |" in text
+    # S² at 96 % accuracy: CFG's λ curve there is 15 + (0.01 / 0.04) · (25 − 15) = 17.5, so Δ = 14 − 17.5
+    assert "| S² (all steps) | s2 0.96 14 | 96.0 ± 1.0 | 14.00 ± 1.00 | 17.50 | -3.50 |" in text
     assert (tmp_path / "frontier.png").stat().st_size > 1000
 
 
