@@ -160,7 +160,8 @@ def plot(data: Dict[str, dict], path: str) -> None:
         front = sorted(rows, key=lambda r: r["lam"]) if key in ("cfg", "auto") else pareto(rows)
         acc_series[LABELS[key]] = ([(100 * r["accuracy"], r["frechet"]) for r in front],
                                    [(100 * r["accuracy"], r["frechet"]) for r in rows if r not in front])
-        pr_series[LABELS[key]] = ([(r["recall"], r["precision"]) for r in front], [])
+        pr_series[LABELS[key]] = ([(r["recall"], r["precision"])] if len(front) == 1 else [],
+                                  [(r["recall"], r["precision"]) for r in rows])  # points only: no order to join
     marks = {}
     if "floor" in data:
         f = data["floor"]
@@ -168,7 +169,7 @@ def plot(data: Dict[str, dict], path: str) -> None:
     meta = next(r["meta"] for k, r in data.items() if k != "floor")
     panels = [dict(title=f"step {meta['step']}: Fréchet vs accuracy (lower right is better)", xlabel="accuracy %",
                    ylabel="Fréchet", series=acc_series, marks=marks),
-              dict(title="precision vs recall of the same frontier settings", xlabel="recall", ylabel="precision",
+              dict(title="precision vs recall, every setting", xlabel="recall", ylabel="precision",
                    series=pr_series,
                    marks={"real": (data["floor"]["recall"], data["floor"]["precision"])} if "floor" in data else {})]
     charts_png(panels, path)
