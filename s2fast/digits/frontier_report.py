@@ -160,8 +160,7 @@ def plot(data: Dict[str, dict], path: str) -> None:
         front = sorted(rows, key=lambda r: r["lam"]) if key in ("cfg", "auto") else pareto(rows)
         acc_series[LABELS[key]] = ([(100 * r["accuracy"], r["frechet"]) for r in front],
                                    [(100 * r["accuracy"], r["frechet"]) for r in rows if r not in front])
-        pr_series[LABELS[key]] = ([(r["recall"], r["precision"])] if len(front) == 1 else [],
-                                  [(r["recall"], r["precision"]) for r in rows])  # points only: no order to join
+        pr_series[LABELS[key]] = ([], [(r["recall"], r["precision"]) for r in rows])  # points only: no order to join
     marks = {}
     if "floor" in data:
         f = data["floor"]
