@@ -90,6 +90,13 @@ class S2Config(EngineSettings):
         interval: ``(start, stop)``, the fraction of the steps where S² applies: step ``i`` of ``n`` uses S² when
             ``start ≤ i/n < stop``; the other steps run plain CFG. The paper's ablation finds the central
             ``(0.1, 0.9)`` as good as ``(0.0, 1.0)`` (the default).
+        sigma_interval: ``(low, high)``, where S² applies counted in noise levels instead of steps: step ``i`` uses
+            S² when ``low ≤ σ_i ≤ high``, σ_i being the scheduler's ``sigmas[i]`` (the noise level the step starts
+            from), read at each call after the pipeline has set its timesteps. ``None`` (default) leaves the choice
+            to ``interval``. For flow-matching schedulers, whose σ runs from 1 (noise) to 0 (data), the paper's
+            "central 80 % of noise levels" is ``(0.1, 0.9)``. A scheduler without ``sigmas`` (DDIM, DDPM) is
+            refused at the call with a ValueError. Cannot be combined with ``masks`` or a non-default ``interval``;
+            ``s2fast.trace`` reports the steps that ran S², so ``masks=s2fast.trace(pipe)`` still replays a call.
         seed: seed of the mask generator, which is separate from the pipeline's ``generator`` (turning S² on never
             changes the initial noise, nor torch's global RNG). The same seed gives the same masks on every call;
             ``None`` draws fresh masks on each call. Step ``i``'s masks depend only on the seed and ``i``, so a
@@ -159,6 +166,7 @@ class S2Config(EngineSettings):
     interval: Tuple[float, float] = (0.0, 1.0)
     seed: Optional[int] = None
     masks: Optional[Tuple[StepMasks, ...]] = None
+    sigma_interval: Optional[Tuple[float, float]] = None
 
     def __post_init__(self) -> None:
         # numpy scalars are accepted wherever Python numbers are, and stored as Python numbers (hashable, printable,
@@ -182,6 +190,14 @@ class S2Config(EngineSettings):
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
         self._check_engine()
+        if self.sigma_interval is not None:
+            object.__setattr__(self, "sigma_interval", _sigma_interval(self.sigma_interval))
+            if self.masks is not None or self.interval != (0.0, 1.0):
+                raise ValueError(
+                    "S2Config: sigma_interval says where S² applies in noise levels; give it alone, without masks "
+                    f"or a step interval (got masks={'set' if self.masks is not None else None}, "
+                    f"interval={self.interval})"
+                )
         if self.masks is not None:
             if self.interval != (0.0, 1.0):
                 raise ValueError(
@@ -268,6 +284,16 @@ def _interval(x) -> Tuple[float, float]:
     if not (0.0 <= start < stop <= 1.0):
         raise ValueError(f"S2Config.interval must satisfy 0 <= start < stop <= 1, got ({start}, {stop})")
     return (start, stop)
+
+
+def _sigma_interval(x) -> Tuple[float, float]:
+    items = _as_sequence("sigma_interval", x)
+    if len(items) != 2:
+        raise ValueError(f"S2Config.sigma_interval must be (low, high) noise levels, got {tuple(items)!r}")
+    low, high = _real("sigma_interval", items[0]), _real("sigma_interval", items[1])
+    if not 0.0 <= low < high:
+        raise ValueError(f"S2Config.sigma_interval must satisfy 0 <= low < high, got ({low}, {high})")
+    return (low, high)
 
 
 def _step_masks(i: int, entry, num_masks: int) -> Tuple[Mask, ...]:

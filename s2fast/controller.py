@@ -73,11 +73,13 @@ class _Run:
     fused: Optional[FusedStep] = None
     fused_decided: bool = False                        # at the call's first step, when the prediction's shape is known
     steps_served: int = 0
+    sigmas: Optional[List[float]] = None               # the scheduler's noise levels, read when S² needs them
 
     def guidance(self, config, step: int, num_blocks: int) -> StepGuidance:
         """This step's plan for a denoiser of ``num_blocks`` blocks (experts may differ in block count)."""
         if num_blocks not in self.schedules:
-            self.schedules[num_blocks] = plan.guidance_steps(config, self.steps, num_blocks, seed=self.seed)
+            self.schedules[num_blocks] = plan.guidance_steps(config, self.steps, num_blocks, seed=self.seed,
+                                                             sigmas=self.sigmas)
         return self.schedules[num_blocks][step]
 
 
@@ -381,7 +383,7 @@ class Controller:
             n = len(timesteps)
             seed = getattr(self.config, "seed", None)
             seed = seed if seed is not None else mask_sampling.fresh_seed()
-            run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed)
+            run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, n))
             for _, model in self.denoiser_models(pipe)[:1]:
                 run.guidance(self.config, 0, self.state(model).num_blocks)
             self._run = run
@@ -399,6 +401,22 @@ class Controller:
         if not stats:
             return None
         return {k: sum(s[k] for s in stats) for k in stats[0]}
+
+
+def call_sigmas(config, pipe, num_steps: int) -> Optional[List[float]]:
+    """The noise level each step of this call starts from, when the config places S² by noise level: the
+    scheduler's ``sigmas`` as set_timesteps left them for this call. ValueError for a scheduler without sigmas."""
+    if getattr(config, "sigma_interval", None) is None:
+        return None
+    scheduler = getattr(pipe, "scheduler", None)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or len(sigmas) < num_steps:
+        raise ValueError(
+            f"S2Config.sigma_interval places S² by noise level, but the pipeline's scheduler "
+            f"({type(scheduler).__name__}) has no sigmas for the {num_steps} steps of this call; use interval "
+            "(fractions of the steps) with this scheduler"
+        )
+    return [float(s) for s in sigmas[:num_steps]]
 
 
 def _call_inputs(signature: inspect.Signature, model, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:

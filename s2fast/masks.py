@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .config import Mask, S2Config
 
@@ -23,6 +23,12 @@ def in_interval(step: int, num_steps: int, interval: Tuple[float, float]) -> boo
     """start ≤ step/num_steps < stop, compared without dividing (so 0.25 · 8 = 2 is exact)."""
     start, stop = interval
     return start * num_steps <= step < stop * num_steps
+
+
+def in_sigma_interval(sigma: float, interval: Tuple[float, float]) -> bool:
+    """low ≤ σ ≤ high: closed at both ends, so (0.1, 0.9) keeps a step that starts exactly at σ = 0.9."""
+    low, high = interval
+    return low <= sigma <= high
 
 
 def step_rng(seed: int, step: int) -> random.Random:
@@ -44,11 +50,14 @@ def fresh_seed() -> int:
     return secrets.randbits(63)
 
 
-def schedule(cfg: S2Config, num_steps: int, num_blocks: int, seed: Optional[int] = None) -> List[Tuple[Mask, ...]]:
+def schedule(cfg: S2Config, num_steps: int, num_blocks: int, seed: Optional[int] = None,
+             sigmas: Optional[Sequence[float]] = None) -> List[Tuple[Mask, ...]]:
     """The sub-network masks of every step of one pipeline call; () where S² is off. ``seed`` overrides the
-    config's (a call draws one seed and uses it for every denoiser it runs).
+    config's (a call draws one seed and uses it for every denoiser it runs). ``sigmas``: the noise level each step
+    starts from (at least ``num_steps`` values), needed when the config has a ``sigma_interval``.
 
-    Raises ValueError when explicit masks do not cover exactly ``num_steps`` steps.
+    Raises ValueError when explicit masks do not cover exactly ``num_steps`` steps, or when a sigma_interval has no
+    sigmas to read.
     """
     if cfg.omega == 0:
         return [()] * num_steps
@@ -57,9 +66,13 @@ def schedule(cfg: S2Config, num_steps: int, num_blocks: int, seed: Optional[int]
         if len(explicit) != num_steps:
             raise ValueError(f"S2Config.masks has {len(explicit)} entries, but this call runs {num_steps} denoising steps")
         return list(explicit)
+    if cfg.sigma_interval is not None:
+        if sigmas is None or len(sigmas) < num_steps:
+            raise ValueError(f"S2Config.sigma_interval needs the noise level of each of the {num_steps} steps; got "
+                             f"{'none' if sigmas is None else len(sigmas)}")
+        active = [in_sigma_interval(float(sigmas[i]), cfg.sigma_interval) for i in range(num_steps)]
+    else:
+        active = [in_interval(i, num_steps, cfg.interval) for i in range(num_steps)]
     if seed is None:
         seed = cfg.seed if cfg.seed is not None else fresh_seed()
-    return [
-        sample_step(seed, i, cfg, num_blocks) if in_interval(i, num_steps, cfg.interval) else ()
-        for i in range(num_steps)
-    ]
+    return [sample_step(seed, i, cfg, num_blocks) if active[i] else () for i in range(num_steps)]

@@ -14,7 +14,7 @@ by step. A new method is a config with ``guidance_steps`` and ``warmup_subnets``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .config import Mask
 
@@ -27,14 +27,16 @@ class StepGuidance:
     omega: float = 0.0            # ω_i, the scale of the subtracted sub-network term
 
 
-def guidance_steps(config, num_steps: int, num_blocks: int, seed: Optional[int] = None) -> List[StepGuidance]:
-    """The plan of every step of one pipeline call for a denoiser of ``num_blocks`` blocks."""
+def guidance_steps(config, num_steps: int, num_blocks: int, seed: Optional[int] = None,
+                   sigmas: Optional[Sequence[float]] = None) -> List[StepGuidance]:
+    """The plan of every step of one pipeline call for a denoiser of ``num_blocks`` blocks; ``sigmas`` are the
+    scheduler's noise levels of the call (S²'s sigma_interval reads them)."""
     own = getattr(config, "guidance_steps", None)
     if own is not None:
         return own(num_steps, num_blocks, seed)
     from . import masks as mask_sampling
 
-    masks = mask_sampling.schedule(config, num_steps, num_blocks, seed=seed)
+    masks = mask_sampling.schedule(config, num_steps, num_blocks, seed=seed, sigmas=sigmas)
     return [StepGuidance(m, omega=config.omega) for m in masks]
 
 

@@ -80,3 +80,41 @@ def test_frechet_from_samples_separates_same_from_shifted():
     shifted = frechet_distance(*gaussian_stats(a + 1.0), *gaussian_stats(b))
     assert 0 <= same < 0.02  # sampling error of 4000 draws in 4 dimensions: ~d²/n ≈ 0.005
     assert shifted == pytest.approx(4.0 + same, abs=0.1)  # |(1, 1, 1, 1)|² = 4
+
+
+# --- the premise test of S² on the toys (s2fast/quality/toy_alignment.py) ---------------------------------------
+def test_exact_velocity_transports_noise_to_each_class():
+    """Euler-integrating the closed-form velocity from σ = 1 to 0 turns N(0, I) into N(μ_c, s² I): the known answer
+    of the flow. 400 steps keep the discretisation error far below the sampling error (about 0.03 here)."""
+    from s2fast.quality.toy_alignment import exact_velocity
+
+    labels = MIXTURE_2D.balanced_labels(4000)
+    x = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.linspace(1.0, 0.0, 401)
+    for i in range(400):
+        x = x + (sigmas[i + 1] - sigmas[i]) * exact_velocity(MIXTURE_2D, x, float(sigmas[i]), labels)
+    for c in range(4):
+        xc = x[labels == c]
+        assert (xc.mean(0) - MIXTURE_2D.mean_tensor()[c]).abs().max() < 0.1
+        assert (xc.std(0) - 1.0).abs().max() < 0.1
+
+
+def test_exact_velocity_at_the_ends():
+    from s2fast.quality.toy_alignment import exact_velocity
+
+    x, labels = torch.tensor([[1.0, -2.0]]), torch.tensor([3])
+    mu = MIXTURE_2D.mean_tensor()[3]
+    torch.testing.assert_close(exact_velocity(MIXTURE_2D, x, 1.0, labels), x - mu)  # x is pure noise: v = ε − μ
+    torch.testing.assert_close(exact_velocity(MIXTURE_2D, x, 0.0, labels), -x)      # x is data: E[ε] = 0
+
+
+def test_alignment_fit_on_known_lines():
+    from s2fast.quality.toy_alignment import fit
+
+    x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+    exact = fit(x, 2.5 * x)
+    assert exact["beta"] == pytest.approx(2.5) and exact["r2"] == pytest.approx(1.0)
+    orthogonal = fit(x, torch.stack([-x[:, 1], x[:, 0]], dim=1))  # rotated by 90°: no component along x
+    assert abs(orthogonal["beta"]) < 1e-12 and orthogonal["r2"] == pytest.approx(0.0, abs=1e-12)
+    flipped = fit(x, -0.5 * x + 0.5 * torch.stack([-x[:, 1], x[:, 0]], dim=1))  # half along −x, half across
+    assert flipped["beta"] == pytest.approx(-0.5) and flipped["r2"] == pytest.approx(0.5)

@@ -2,6 +2,11 @@
 
     python -m s2fast.digits.train                       # writes s2fast/digits/weights (the embedded default)
     python -m s2fast.digits.train --out /tmp/digits --steps 200   # a quick run elsewhere
+    python -m s2fast.digits.train --out ckpts --save-at 150,300,600 --stop-at 600   # earlier checkpoints
+
+``--save-at`` writes the EMA weights at those steps into ``<out>/step_<N>`` (each a full pipeline folder, fp16, with
+its step in training.json); ``--stop-at`` ends the run there. The learning-rate schedule still spans ``--steps``, so
+these are exactly the first N steps of the full run (same seed, same batches): earlier checkpoints of one recipe.
 
 Rectified flow as SD3 trains it: x_σ = (1 − σ) x_0 + σ ε, target ε − x_0, σ logit-normal, the transformer given
 t = 1000 σ (FlowMatchEulerDiscreteScheduler's timesteps). diffusers' LabelEmbedding replaces 10 % of the labels by
@@ -12,6 +17,7 @@ are an exponential moving average, stored in fp16. Same seed, same machine type:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -37,7 +43,17 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default 200)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
     p.add_argument("--seed", type=int, default=0, help="seed of init, batches, noise and label dropout (default 0)")
+    p.add_argument("--save-at", default="", help="comma-separated steps at which to save the EMA into <out>/step_<N>")
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this many steps (default: --steps)")
     args = p.parse_args(argv)
+    try:
+        args.save_at = sorted({int(v) for v in args.save_at.split(",") if v.strip()})
+    except ValueError:
+        p.error(f"--save-at must be comma-separated integers, got {args.save_at!r}")
+    stop = args.steps if args.stop_at is None else args.stop_at
+    if not 1 <= stop <= args.steps or any(not 1 <= v <= stop for v in args.save_at):
+        p.error("--stop-at must lie in 1..--steps and every --save-at step in 1..--stop-at")
+    args.stop_at = stop
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -72,7 +88,7 @@ def train(args) -> DigitsFlowPipeline:
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, losses = time.perf_counter(), []
-    bar = tqdm(range(args.steps), desc="train digits DiT", unit="step")
+    bar = tqdm(range(args.stop_at), desc="train digits DiT", unit="step")
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args)
@@ -86,14 +102,25 @@ def train(args) -> DigitsFlowPipeline:
             for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 1 - decay)
         losses.append(loss.item())
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % 50 == 0 or step == args.stop_at - 1:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    pipe = DigitsFlowPipeline(transformer=ema.to(STORAGE_DTYPE), scheduler=build_scheduler())
-    pipe.save_pretrained(args.out, safe_serialization=True)
-    record = {"args": vars(args), "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
+        if step + 1 in args.save_at:
+            save(ema, os.path.join(args.out, f"step_{step + 1}"), args, step + 1, losses, start)
+    if args.save_at:
+        return None
+    return save(ema, args.out, args, args.stop_at, losses, start)
+
+
+def save(ema, folder: str, args, step: int, losses, start: float) -> DigitsFlowPipeline:
+    """The EMA in fp16 as a diffusers pipeline folder, with the training record (its step included)."""
+    weights = copy.deepcopy(ema)  # not build_transformer(): its init would draw from the global RNG (label dropout)
+    pipe = DigitsFlowPipeline(transformer=weights.to(STORAGE_DTYPE), scheduler=build_scheduler())
+    pipe.save_pretrained(folder, safe_serialization=True)
+    record = {"args": vars(args), "step": step, "seconds": round(time.perf_counter() - start, 1),
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
               "loss_every_100": [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 4) for i in range(0, len(losses), 100)]}
-    with open(os.path.join(args.out, "training.json"), "w") as f:
+    with open(os.path.join(folder, "training.json"), "w") as f:
         json.dump(record, f, indent=1)
     return pipe
 
