@@ -480,6 +480,8 @@ def test_bad_config_changes_nothing(case):
         s2fast.S2Guidance(LAM, s2fast.S2Config(fused_step=True))
     with pytest.raises(TypeError, match="S2Config"):
         s2fast.S2Guidance(LAM, s2fast.SGGConfig())
+    with pytest.raises(ValueError, match="sigma_interval"):
+        s2fast.S2Guidance(LAM, s2fast.S2Config(sigma_interval=(0.1, 0.9)))
 
 
 # --- SGGGuidance ----------------------------------------------------------------------------------------------------

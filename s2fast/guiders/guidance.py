@@ -65,6 +65,11 @@ class _EngineGuidance(BaseGuidance):
         if config.fused_step is True:
             raise ValueError(f"s2fast.{name}: fused_step=True cannot apply: the modular loop steps its scheduler in a "
                              "block of its own (use 'auto' or False; both run the stock step)")
+        if getattr(config, "sigma_interval", None) is not None:
+            # The guider decides its batches in set_state, from the step index alone, before any scheduler is seen.
+            raise ValueError(f"s2fast.{name}: sigma_interval is not supported by the guiders (they see step "
+                             "indices, not the scheduler's sigmas); place S² with S2Config.interval or the guider's "
+                             "start/stop, or use s2fast.wrap")
         if config.compile_blocks is not None:
             raise ValueError(f"s2fast.{name}: compile_blocks is not supported by the guiders (it would leave compiled "
                              "blocks on the transformer after the call); use it with s2fast.wrap")
