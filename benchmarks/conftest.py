@@ -71,6 +71,52 @@ def interleaved(benchmark):
     return run
 
 
+@pytest.fixture
+def two_call_step(interleaved):
+    """two_call_step(group, model, adapter, rows, subnets, rounds, finish): the per-step cases of a family whose loop
+    calls the transformer twice a step (cond, then uncond, batch B each: Wan, Qwen-Image), timed side by side with
+    their block-row floors. ``rows`` holds the [uncond, cond] branches; ``finish(c, u, subs)`` turns the predictions
+    into the step's D (Eq. 4, then whatever the pipeline does to it)."""
+    from s2fast.engine import EngineOptions, block_rows, predict
+    from s2fast.reference import skipping
+
+    def forward(model, inputs):
+        return model(**inputs, return_dict=False)[0]
+
+    def stock_cfg(model, adapter, rows, subnets, finish):
+        c = forward(model, rows.branch(1))  # the pipeline's loop: cond, then uncond
+        return finish(c, forward(model, rows.branch(0)), [])
+
+    def naive(model, adapter, rows, subnets, finish):
+        c, u = forward(model, rows.branch(1)), forward(model, rows.branch(0))
+        subs = []
+        for mask in subnets:
+            with skipping(adapter, adapter.blocks(model), mask):
+                subs.append(forward(model, rows.branch(1)))
+        return finish(c, u, subs)
+
+    def s2fast(options=None, with_subnets=True):
+        def case(model, adapter, rows, subnets, finish):
+            preds = predict(adapter, model, rows, subnets if with_subnets else [], options or EngineOptions())
+            return finish(preds[1], preds[0], preds[2:])
+        return case
+
+    def run(group, model, adapter, rows, subnets, rounds, finish):
+        layers = len(adapter.blocks(model))
+        cases = {  # name: (case, block-row count of the case)
+            "cfg-stock": (stock_cfg, 2 * layers),
+            "cfg-s2fast": (s2fast(with_subnets=False), 2 * layers),
+            "s2-naive-three-pass": (naive, block_rows(layers, 2, subnets, reuse_prefix=False)),
+            "s2-s2fast-separate": (s2fast(), block_rows(layers, 2, subnets)),
+            "s2-s2fast-join": (s2fast(EngineOptions(fork_mode="join")), block_rows(layers, 2, subnets)),
+        }
+        timed = {name: (lambda fn=fn: fn(model, adapter, rows, subnets, finish)) for name, (fn, _) in cases.items()}
+        floors = {name: {"floor_ratio": count / (2 * layers)} for name, (_, count) in cases.items()}
+        return interleaved(group, timed, "cfg-stock", rounds, floors)
+
+    return run
+
+
 def _wall_clock(fn):
     # The cases return predictions; the timer reads a case's return value as its own measurement, so drop it.
     def case():

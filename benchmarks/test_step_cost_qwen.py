@@ -19,11 +19,8 @@ from s2fast.kernels import guided_prediction
 from s2fast import tiny_families
 from s2fast.adapters.base import BranchRows
 from s2fast.adapters.qwenimage import QwenImageAdapter, norm_rescale
-from s2fast.engine import EngineOptions, block_rows, predict
-from s2fast.reference import skipping
 
 SHAPE = tiny_families.BENCH_QWEN
-L = SHAPE.num_layers
 LAMBDA, OMEGA = 5.0, 0.25
 # Two of the 23 droppable blocks, as drop_ratio 0.1 draws: first dropped block at E[k] = 8, at 1 (worst) and 20.
 MASKS = {"k8": (8, 15), "k1": (1, 12), "k20": (20, 22)}
@@ -43,47 +40,8 @@ def setup():
     torch.set_grad_enabled(True)
 
 
-def _forward(model, inputs):
-    return model(**inputs, return_dict=False)[0]
-
-
-def _stock_cfg(model, rows):
-    # the pipeline's loop: cond, then uncond, two batch-B calls
-    c = _forward(model, rows.branch(1))
-    u = _forward(model, rows.branch(0))
-    return norm_rescale(guided_prediction(c, u, [], LAMBDA, OMEGA), c)
-
-
-def _naive(model, adapter, rows, subnets):
-    c = _forward(model, rows.branch(1))
-    u = _forward(model, rows.branch(0))
-    subs = []
-    for mask in subnets:
-        with skipping(adapter, adapter.blocks(model), mask):
-            subs.append(_forward(model, rows.branch(1)))
-    return norm_rescale(guided_prediction(c, u, subs, LAMBDA, OMEGA), c)
-
-
-def _s2fast(model, adapter, rows, subnets, options=None):
-    preds = predict(adapter, model, rows, subnets, options or EngineOptions())
-    return norm_rescale(guided_prediction(preds[1], preds[0], preds[2:], LAMBDA, OMEGA), preds[1])
-
-
-CASES = {
-    # case: (function(model, adapter, rows, masks) -> D, block-row count of the case)
-    "cfg-stock": (lambda m, a, r, s: _stock_cfg(m, r), lambda s: 2 * L),
-    "cfg-s2fast": (lambda m, a, r, s: _s2fast(m, a, r, []), lambda s: 2 * L),
-    "s2-naive-three-pass": (lambda m, a, r, s: _naive(m, a, r, s), lambda s: block_rows(L, 2, s, reuse_prefix=False)),
-    "s2-s2fast-separate": (lambda m, a, r, s: _s2fast(m, a, r, s), lambda s: block_rows(L, 2, s)),
-    "s2-s2fast-join": (lambda m, a, r, s: _s2fast(m, a, r, s, EngineOptions(fork_mode="join")),
-                       lambda s: block_rows(L, 2, s)),
-}
-
-
 @pytest.mark.parametrize("mask_name", MASKS)
-def test_qwen_step(interleaved, setup, mask_name):
+def test_qwen_step(two_call_step, setup, mask_name):
     model, adapter, rows = setup
-    subnets = [MASKS[mask_name]]
-    cases = {name: (lambda fn=fn: fn(model, adapter, rows, subnets)) for name, (fn, _) in CASES.items()}
-    floors = {name: {"floor_ratio": rows_of(subnets) / (2 * L)} for name, (_, rows_of) in CASES.items()}
-    interleaved(f"qwen-image-24x256 step, mask {MASKS[mask_name]}", cases, "cfg-stock", ROUNDS, floors)
+    two_call_step(f"qwen-image-24x256 step, mask {MASKS[mask_name]}", model, adapter, rows, [MASKS[mask_name]], ROUNDS,
+                  lambda c, u, subs: norm_rescale(guided_prediction(c, u, subs, LAMBDA, OMEGA), c))
