@@ -98,6 +98,16 @@ def image_size(pipe, shape) -> Dict[str, int]:
     return dict(height=side, width=side)
 
 
+def sd3_latent_call(steps: int, shape=None):
+    """A tiny SD3 pipeline without a VAE and the keyword arguments of a latent-output call of it (λ 4, ``steps``
+    steps): what the graph tests run again and again."""
+    shape = shape or SD3Shape()
+    pipe = sd3_pipeline(shape, with_vae=False)
+    kw = dict(embeddings(shape), **image_size(pipe, shape), output_type="latent", guidance_scale=4.0,
+              num_inference_steps=steps)
+    return pipe, kw
+
+
 @dataclass(frozen=True)
 class FluxShape:
     num_layers: int = 2          # double-stream blocks

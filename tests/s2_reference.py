@@ -101,10 +101,10 @@ def flux_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, widt
     return _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg)
 
 
-def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_masks=1, null_class=1000):
-    """DiTPipeline's loop with three separate forwards: [cond] and [null] rows, and cond with blocks skipped
-    (a DiT block returns its hidden states); Eq. 4 on the eps channels; the scheduler steps the cond half.
-    Also DigitsFlowPipeline's loop (null_class=10; its flow-matching scheduler scales no model input)."""
+def dit_loop_start(pipe, class_labels, *, steps, seed, null_class):
+    """What DiTPipeline's loop sets up (seeded latents, labels, null labels, a fresh scheduler), and one separate
+    forward ``run(x, y, t, skip)`` of its transformer with the blocks in ``skip`` left out (a DiT block returns its
+    hidden states), giving the eps channels."""
     model = pipe.transformer
     blocks = list(model.transformer_blocks)
     c = model.config.in_channels
@@ -117,15 +117,23 @@ def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_
     sched.set_timesteps(steps)
 
     def run(x, y, t, skip=()):
-        saved = {}
         try:
             for i in skip:
-                saved[i] = blocks[i].forward
                 blocks[i].forward = lambda hidden_states, *a, **k: hidden_states
             return model(x, timestep=t[None].expand(b), class_labels=y).sample[:, :c]
         finally:
             for i in skip:
                 del blocks[i].forward
+
+    return latents, labels, null, sched, run
+
+
+def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_masks=1, null_class=1000):
+    """DiTPipeline's loop with three separate forwards: [cond] and [null] rows, and cond with blocks skipped
+    (a DiT block returns its hidden states); Eq. 4 on the eps channels; the scheduler steps the cond half.
+    Also DigitsFlowPipeline's loop (null_class=10; its flow-matching scheduler scales no model input)."""
+    latents, labels, null, sched, run = dit_loop_start(pipe, class_labels, steps=steps, seed=seed,
+                                                       null_class=null_class)
 
     for i, t in enumerate(sched.timesteps):
         x = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents

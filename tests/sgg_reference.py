@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from s2_reference import skipping
+from s2_reference import dit_loop_start, skipping
 
 
 @dataclass
@@ -108,25 +108,8 @@ def flux_sgg(pipe, emb, s: Settings, *, steps, lam, seed=0, height, width, cfg=T
 def dit_sgg(pipe, class_labels, s: Settings, *, steps, lam, seed=0, null_class=1000):
     """DiTPipeline's loop (and DigitsFlowPipeline's, null_class=10) with separate forwards; guidance on the eps
     channels; the scheduler steps the cond half."""
-    model = pipe.transformer
-    blocks = list(model.transformer_blocks)
-    c = model.config.in_channels
-    size = model.config.sample_size
-    b = len(class_labels)
-    latents = torch.randn(b, c, size, size, generator=torch.Generator().manual_seed(seed))
-    labels = torch.tensor(class_labels)
-    null = torch.full_like(labels, null_class)
-    sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    sched.set_timesteps(steps)
-
-    def run(x, y, t, skip=()):
-        try:
-            for j in skip:
-                blocks[j].forward = lambda hidden_states, *a, **k: hidden_states
-            return model(x, timestep=t[None].expand(b), class_labels=y).sample[:, :c]
-        finally:
-            for j in skip:
-                del blocks[j].forward
+    latents, labels, null, sched, run = dit_loop_start(pipe, class_labels, steps=steps, seed=seed,
+                                                       null_class=null_class)
 
     for i, t in enumerate(sched.timesteps):
         x = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents

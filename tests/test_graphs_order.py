@@ -17,11 +17,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def sd3():
-    shape = tiny.SD3Shape()
-    pipe = tiny.sd3_pipeline(shape, with_vae=False)
-    kw = dict(tiny.embeddings(shape), **tiny.image_size(pipe, shape), output_type="latent", guidance_scale=4.0,
-              num_inference_steps=STEPS)
-    return pipe, kw
+    return tiny.sd3_latent_call(STEPS)
 
 
 def _call(pipe, kw, seed, **more):
