@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(BIN)/pytest benchmarks/ --benchmark-only --benchmark-columns=median,iqr,rounds $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check s2fast kernels tests benchmarks
+	$(BIN)/ruff check s2fast kernels tests benchmarks evaluation
 
 clean:
 	rm -rf $(VENV) .benchmarks build *.egg-info

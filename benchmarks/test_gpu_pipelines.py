@@ -304,7 +304,7 @@ def test_fork_modes_by_image_size(interleaved, name, side):
     s2fast.wrap(pipe, s2)
     pipe(**kw)
     masks = s2fast.trace(pipe)
-    chosen = s2fast.api._controller(pipe)._run.memo.get(("fork_mode", id(pipe.transformer)), "separate")
+    chosen = s2fast.serving.controller_of(pipe)._run.memo.get(("fork_mode", id(pipe.transformer)), "separate")
     s2fast.unwrap(pipe)
     blocks = len(pipe.transformer.transformer_blocks) + len(getattr(pipe.transformer, "single_transformer_blocks", []))
     steps = [(m,) if m else () for m in masks]

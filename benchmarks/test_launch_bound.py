@@ -70,7 +70,7 @@ def test_pipeline_steps(interleaved, shape_name):
             run(pipe)
             mode = configs[name].fork_mode
             if mode == "auto":  # what the call ran: the controller notes it per call
-                mode = s2fast.api._controller(pipe)._run.memo.get(("fork_mode", id(shared)), "separate")
+                mode = s2fast.serving.controller_of(pipe)._run.memo.get(("fork_mode", id(shared)), "separate")
             extra[name] = _floors(s2fast.trace(pipe), shape.num_layers, mode)
             extra[name]["joined"] = float(mode == "join")
     cases = {name: (lambda p=pipe: run(p)) for name, pipe in pipes.items()}

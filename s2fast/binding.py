@@ -24,10 +24,13 @@ not wrapped — runs the stock forward.
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 import weakref
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
 
 # Hooks that may sit on a denoiser or its submodules while s2fast runs it, by registry name.
 # layerwise casting (and the PEFT input hook it brings) casts weights around each leaf call: the same for any rows.
@@ -58,13 +61,20 @@ _KNOWN_HOOKS = {
 }
 
 
+# serving(pipe, model) -> the controller that answers model's call from pipe's loop, or None. The controller hands
+# it over at install (s2fast.serving.serving_controller), so this module imports nothing of s2fast's.
+Serving = Callable[[Any, Any], Optional[Any]]
+
+
 class ModelForward:
     """The forward s2fast sets on a denoiser (see the module docstring). ``previous`` is what the slot held before:
-    None (nothing: the class's forward) or the model's own bound forward, put back by ``remove``."""
+    None (nothing: the class's forward) or the model's own bound forward, put back by ``remove``; ``serving``
+    finds the controller of a pipeline call."""
 
-    def __init__(self, model, previous=None):
+    def __init__(self, model, previous, serving: Serving):
         self._model = weakref.ref(model)
         self.previous = previous
+        self.serving = serving
 
     @property
     def model(self):
@@ -74,10 +84,8 @@ class ModelForward:
         model = self._model()
         caller = calling_pipeline(model)
         if caller is not None:
-            from .api import serving_controller
-
             pipe, frame_locals = caller
-            controller = serving_controller(pipe, model)
+            controller = self.serving(pipe, model)
             if controller is not None:
                 return controller.forward(pipe, model, frame_locals, args, kwargs)
         return type(model).forward(model, *args, **kwargs)
@@ -85,15 +93,13 @@ class ModelForward:
     # A copy of a wrapped model carries a ModelForward of its own, bound to the copy (the copied pipeline's
     # controller, or none, decides what it serves); pickling rebuilds one the same way.
     def __deepcopy__(self, memo):
-        import copy
-
         model = memo.get(id(self._model()))
         if model is None:
             return self
-        return ModelForward(model, copy.deepcopy(self.previous, memo))
+        return ModelForward(model, copy.deepcopy(self.previous, memo), self.serving)
 
     def __reduce__(self):
-        return (ModelForward, (self._model(), self.previous))
+        return (ModelForward, (self._model(), self.previous, self.serving))
 
 
 def _own_forward(model, value) -> bool:
@@ -149,8 +155,9 @@ def base_slot(model) -> Optional[Tuple[Any, str]]:
     return None
 
 
-def install(model) -> ModelForward:
-    """Put a ModelForward at the base of ``model``'s forward chain (or return the one already there)."""
+def install(model, serving: Serving) -> ModelForward:
+    """Put a ModelForward at the base of ``model``'s forward chain (or return the one already there); ``serving``
+    finds the controller of each pipeline call."""
     existing = find(model)
     if existing is not None:
         return existing
@@ -158,7 +165,7 @@ def install(model) -> ModelForward:
     if slot is None:
         raise ValueError(unknown_forward_message(model))
     holder, name = slot
-    binding = ModelForward(model, _get(holder, name))
+    binding = ModelForward(model, _get(holder, name), serving)
     _set(holder, name, binding)
     return binding
 
@@ -255,8 +262,6 @@ def calling_pipeline(model, max_depth: int = 32) -> Optional[Tuple[Any, Dict[str
     the loop's own when the frame just below it is torch's module call of ``model`` (whatever hooks ran after
     that). A callback, or any function the pipeline calls that then calls the transformer, sits in between.
     """
-    import torch
-
     module_call = torch.nn.Module._wrapped_call_impl.__code__
     below, frame = None, sys._getframe(2)  # above ModelForward.__call__, which called this
     for _ in range(max_depth):

@@ -26,8 +26,10 @@ from .config import Mask, S2Config, public_step_form
 from .engine import EngineOptions, graph_context, predict
 from .fused_step import FusedStep, SchedulerHook, fused_step_for_call
 from .graphs import BlockGraphs, kept_graphs, release_graphs
+from .kernels import guided_prediction
 from .kernels.dispatch import log_once
 from .plan import StepGuidance
+from .serving import serving_controller
 
 logger = logging.getLogger("s2fast")
 
@@ -120,8 +122,13 @@ class Controller:
     def serves(self, pipe, model) -> bool:
         return self.active and any(m is model for _, m in self.denoiser_models(pipe))
 
+    def check_pipeline(self, pipe) -> None:
+        """Every check wrap makes on ``pipe``'s denoisers, before anything changes (ValueError naming the problem)."""
+        for name, model in self.denoiser_models(pipe):
+            check_attachable(self.adapter, self.config, pipe, name, model, self._graph_backend)
+
     def attach(self, pipe) -> None:
-        """Serve ``pipe``: a ModelForward on each of its denoisers (checked by the caller, s2fast.api)."""
+        """Serve ``pipe``: a ModelForward on each of its denoisers (checked first with :meth:`check_pipeline`)."""
         self._owner = weakref.ref(pipe)
         self.active = True
         for _, model in self.denoiser_models(pipe):
@@ -134,7 +141,7 @@ class Controller:
         return clone
 
     def _bind(self, model) -> None:
-        binding.install(model)
+        binding.install(model, serving_controller)
         _USERS.setdefault(model, weakref.WeakSet()).add(self)
         self.state(model)
 
@@ -196,7 +203,7 @@ class Controller:
         return state
 
     # A pickled or deep-copied controller keeps its settings, not its state; the first pipeline that reaches it
-    # (the copy it belongs to) attaches it (s2fast.api._controller).
+    # (the copy it belongs to) attaches it (s2fast.serving.controller_of).
     def __getstate__(self):
         return {"adapter": type(self.adapter), "config": self.config, "predictor": self.predictor, "active": self.active}
 
@@ -325,8 +332,6 @@ class Controller:
         """(D, the predictions for ``request.respond``) for this step; with the fused step, x_{t−1} too (stashed for
         the scheduler's step). A step whose plan has no uncond rows computes the cond rows only, and the cond
         prediction stands in the uncond branch's place for ``respond``."""
-        from .kernels import guided_prediction
-
         rows = request.rows
         with_uncond = rows.count == 2 and guidance.uncond
         if rows.count == 2 and not with_uncond:

@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="s2fast-demo", help="folder for grid.png and metrics.json (default ./s2fast-demo)")
     p.add_argument("--weights", default=None, help="a trained digits pipeline folder (default: the embedded one)")
     args = p.parse_args(argv)
-    from s2fast.digits.evaluate import balanced_labels
+    from s2fast.digits.pipeline import balanced_labels
 
     if args.steps < 2:
         p.error("--steps must be at least 2 (the first step's time includes the call's set-up)")
@@ -102,10 +102,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     from tqdm.auto import tqdm
 
     from s2fast.digits.classifier import load_judge
-    from s2fast.digits.evaluate import balanced_labels
-    from s2fast.digits.pipeline import load_default_pipeline
+    from s2fast.digits.grid import digit_grid_png
+    from s2fast.digits.pipeline import balanced_labels, load_default_pipeline
     from s2fast.engine import block_rows
-    from s2fast.quality.plots import digit_grid_png
     from s2fast.timing import block_share, step_floor, timing_warning
 
     pipe = load_default_pipeline(args.weights) if args.weights else load_default_pipeline()

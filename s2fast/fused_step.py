@@ -19,6 +19,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
+from .kernels import guided_flow_step
 from .kernels.dispatch import fast_backend_for, log_once
 
 
@@ -112,8 +113,6 @@ class FusedStep:
              subs: Sequence[torch.Tensor], guidance_scale: Optional[float], omega: float) -> torch.Tensor:
         """Compute and stash x_{t−1} for the scheduler's step from the loop's x_t (``latents``) and ``t``; return D
         for the pipeline."""
-        from .kernels import guided_flow_step
-
         if scheduler.step_index is None:
             scheduler._init_step_index(t)  # what the stock step would do first; the same index either way
         index = scheduler.step_index

@@ -445,40 +445,6 @@ def release_graphs(model) -> None:
     _KEPT.pop(model, None)
 
 
-def warmup_subnets(num_blocks: int, config) -> Tuple[Tuple[int, ...], ...]:
-    """Sub-networks that fork at the first droppable block p and drop only it: every later mask forks at p or
-    after, so its lanes run a subset of the (block, lane) calls these make (fork_mode "separate"). None when no
-    step can run a sub-network (ω = 0, as s2fast's CFG baseline, or explicit masks that are all empty): the
-    sub-network lanes would hold graphs that are never replayed."""
-    explicit = config.step_masks()
-    if config.omega == 0 or (explicit is not None and not any(explicit)):
-        return ()
-    p = min(b for b in range(num_blocks) if b not in config.protected_blocks)
-    return ((p,),) * config.num_masks
-
-
-def warmup_predictions(num_blocks: int, config, fork_mode: Optional[str] = None) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
-    """The sub-networks of each warm-up prediction: together they make every (block, lane, rows) call any later
-    mask can make, so sampling replays graphs and never captures.
-
-    A sub-network lane forks at its first dropped block (reuse_prefix) or at block 0, and the first droppable block
-    p is the earliest any mask forks. fork_mode "separate": one prediction whose sub-networks fork as early as any
-    can and skip as little as any can — drop only p (reuse_prefix), or nothing (forking at 0). fork_mode "join": the
-    sub-network rows ride in the [uncond, cond] lane, whose row count at a block is 2 + the sub-networks that run
-    it, anything from 2 to 2 + num_masks: prediction c has c sub-networks that drop every droppable block and the
-    others drop as little as possible, so c = 0 … num_masks cover every row count at every block. ``fork_mode``:
-    the mode the engine runs (what "auto" chose); the config's when None."""
-    subnets = warmup_subnets(num_blocks, config)
-    if not subnets:
-        return ((),)
-    droppable = tuple(b for b in range(num_blocks) if b not in config.protected_blocks)
-    light = subnets[0] if config.reuse_prefix else ()
-    if not (config.batch_branches and (fork_mode or config.fork_mode) == "join"):
-        return ((light,) * config.num_masks,)
-    n = config.num_masks
-    return tuple((light,) * (n - c) + (droppable,) * c for c in range(n + 1))
-
-
 def _freeze(value) -> Optional[Hashable]:
     """A hashable stand-in for a non-tensor value, or None when it has none (then the call runs eagerly)."""
     if value is None or isinstance(value, (bool, int, float, str)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+from . import masks as mask_sampling
 from .config import Mask
 
 
@@ -34,31 +35,52 @@ def guidance_steps(config, num_steps: int, num_blocks: int, seed: Optional[int] 
     own = getattr(config, "guidance_steps", None)
     if own is not None:
         return own(num_steps, num_blocks, seed)
-    from . import masks as mask_sampling
-
     masks = mask_sampling.schedule(config, num_steps, num_blocks, seed=seed, sigmas=sigmas)
     return [StepGuidance(m, omega=config.omega) for m in masks]
 
 
 def warmup_subnets(config, num_blocks: int) -> Tuple[Mask, ...]:
-    """Sub-networks whose lanes cover every (block, lane) graph a later step of ``config`` needs (s2fast/graphs.py)."""
+    """Sub-networks whose lanes cover every (block, lane) call a later step of ``config`` makes (the block graphs
+    of s2fast/graphs.py are captured from them). A method with its own plan (``warmup_subnets`` on the config, as
+    SGGConfig has) gives its fixed sub-networks.
+
+    S²: sub-networks that fork at the first droppable block p and drop only it: every later mask forks at p or
+    after, so its lanes run a subset of the (block, lane) calls these make (fork_mode "separate"). None when no
+    step can run a sub-network (ω = 0, as s2fast's CFG baseline, or explicit masks that are all empty): the
+    sub-network lanes would hold graphs that are never replayed."""
     own = getattr(config, "warmup_subnets", None)
     if own is not None:
         return own(num_blocks)
-    from .graphs import warmup_subnets as s2_warmup
+    explicit = config.step_masks()
+    if config.omega == 0 or (explicit is not None and not any(explicit)):
+        return ()
+    p = min(b for b in range(num_blocks) if b not in config.protected_blocks)
+    return ((p,),) * config.num_masks
 
-    return s2_warmup(num_blocks, config)
 
+def warmup_predictions(config, num_blocks: int, fork_mode: Optional[str] = None) -> Tuple[Tuple[Mask, ...], ...]:
+    """The sub-networks of each discarded warm-up prediction before block graphs serve ``config``'s steps:
+    together they make every (block, lane, rows) call any later step can make, so sampling replays graphs and
+    never captures. A method with its own plan warms up its fixed sub-networks in one prediction.
 
-def warmup_predictions(config, num_blocks: int, fork_mode: str) -> Tuple[Tuple[Mask, ...], ...]:
-    """The sub-networks of each discarded warm-up prediction before graphs serve ``config``'s steps: a method with
-    its own plan warms up its fixed sub-networks; S² those of graphs.warmup_predictions (every row count a
-    joined lane can have)."""
+    S²: a sub-network lane forks at its first dropped block (reuse_prefix) or at block 0, and the first droppable
+    block p is the earliest any mask forks. fork_mode "separate": one prediction whose sub-networks fork as early
+    as any can and skip as little as any can — drop only p (reuse_prefix), or nothing (forking at 0). fork_mode
+    "join": the sub-network rows ride in the [uncond, cond] lane, whose row count at a block is 2 + the
+    sub-networks that run it, anything from 2 to 2 + num_masks: prediction c has c sub-networks that drop every
+    droppable block and the others drop as little as possible, so c = 0 … num_masks cover every row count at
+    every block. ``fork_mode``: the mode the engine runs (what "auto" chose); the config's when None."""
+    subnets = warmup_subnets(config, num_blocks)
     if getattr(config, "warmup_subnets", None) is not None:
-        return (warmup_subnets(config, num_blocks),)
-    from .graphs import warmup_predictions as s2_predictions
-
-    return s2_predictions(num_blocks, config, fork_mode)
+        return (subnets,)
+    if not subnets:
+        return ((),)
+    droppable = tuple(b for b in range(num_blocks) if b not in config.protected_blocks)
+    light = subnets[0] if config.reuse_prefix else ()
+    if not (config.batch_branches and (fork_mode or config.fork_mode) == "join"):
+        return ((light,) * config.num_masks,)
+    n = config.num_masks
+    return tuple((light,) * (n - c) + (droppable,) * c for c in range(n + 1))
 
 
 def num_masks(config) -> int:

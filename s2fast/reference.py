@@ -14,6 +14,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from .adapters.base import BranchRows, FamilyAdapter
+from .api import wrap
 from .config import S2Config
 
 
@@ -56,6 +57,4 @@ def skipping(adapter: FamilyAdapter, blocks, indices):
 
 def wrap_three_pass(pipe, config: S2Config):
     """Like :func:`s2fast.wrap`, with the naive three-pass computation (for comparisons; unwrap as usual)."""
-    from .api import wrap
-
     return wrap(pipe, config, _predictor=three_pass)

@@ -65,7 +65,7 @@ def test_default_changes_nothing_and_forced_backends_run_the_pipeline(sd3):
         torch.testing.assert_close(run(), base, atol=1e-4, rtol=1e-4)  # another kernel: fp32 rounding only
         s2fast.wrap(pipe, S2Config(seed=0, attention="fastest"))
         torch.testing.assert_close(run(), base, atol=1e-4, rtol=1e-4)
-        chosen = s2fast.api._controller(pipe).state(pipe.transformer).attention.chosen
+        chosen = s2fast.serving.controller_of(pipe).state(pipe.transformer).attention.chosen
         assert len(chosen) == 1 and next(iter(chosen.values())) in ("flash", "efficient", "math")
     finally:
         s2fast.unwrap(pipe)

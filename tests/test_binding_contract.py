@@ -52,7 +52,7 @@ def test_the_library_registry_names_only_diffusers_pipelines():
 
 def test_an_adapter_reading_an_undeclared_local_fails_loudly(sd3):
     s2fast.wrap(sd3.pipe, S2Config(omega=0.5, seed=0))
-    adapter = s2fast.api._controller(sd3.pipe).adapter
+    adapter = s2fast.serving.controller_of(sd3.pipe).adapter
     original = type(adapter).request
 
     def sneaky(self, pipe, call_locals, inputs, memo):
@@ -166,7 +166,7 @@ def test_two_experts_match_a_plain_three_pass_loop(experts, lam):
         # batched rows against batch-B forwards: fp32 batch-size rounding (~1e-6); S² moves the result by > 1e-3
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
         assert s2fast.trace(experts) == masks
-        assert s2fast.api._controller(experts)._run.denoisers == ["transformer"] * 3 + ["transformer_2"] * 3
+        assert s2fast.serving.controller_of(experts)._run.denoisers == ["transformer"] * 3 + ["transformer_2"] * 3
         s2fast.wrap(experts, S2Config(omega=0.0))
         assert (run(experts, lam=lam) - got).abs().max() > 1e-3
     finally:
@@ -178,7 +178,7 @@ def test_two_experts_masks_follow_the_block_count_of_the_expert_that_runs(expert
     s2fast.wrap(experts, config)
     try:
         run(experts, steps=8)
-        controller = s2fast.api._controller(experts)
+        controller = s2fast.serving.controller_of(experts)
         blocks = {"transformer": 6, "transformer_2": 3}
         for i, (mask, name) in enumerate(zip(s2fast.trace(experts), controller._run.denoisers)):
             # 6 blocks, block 0 protected: round(0.3 · 5) = 2 dropped; 3 blocks: round(0.3 · 2) = 1

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from s2_reference import dit_three_pass
+from s2fast_eval.digits import data as digits_data
 
 import s2fast
 from s2fast import S2Config
-from s2fast.digits import data as digits_data
 from s2fast.digits.model import build_scheduler, build_transformer
 from s2fast.digits.pipeline import DigitsFlowPipeline
 

@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 from PIL import Image
+from s2fast_eval.digits import evaluate, train
+from s2fast_eval.digits.data import load_mnist, split
 
 from s2fast import demo
-from s2fast.digits import evaluate, train
 from s2fast.digits.classifier import load_judge
-from s2fast.digits.data import load_mnist, split
 from s2fast.digits.pipeline import DEFAULT_WEIGHTS, load_default_pipeline
 
 

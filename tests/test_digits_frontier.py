@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from s2fast_eval.digits import frontier, frontier_report, train
+from s2fast_eval.digits.autoguidance import autoguided
 
 from s2fast import S2Config
-from s2fast.digits import frontier, frontier_report, train
-from s2fast.digits.autoguidance import autoguided
 from s2fast.digits.model import build_scheduler, build_transformer
 from s2fast.digits.pipeline import DigitsFlowPipeline, load_default_pipeline
 from s2fast.sgg import SGGConfig
@@ -95,7 +95,7 @@ def test_pareto_and_cfg_at_matched_accuracy():
 
 def test_report_merges_family_files(tmp_path):
     meta = {"step": 600, "weak_step": 150, "samples": 200, "seeds": [0, 1], "steps": 16, "device": "cpu",
-            "seconds": 60.0, "command": "python -m s2fast.digits.frontier run ..."}
+            "seconds": 60.0, "command": "PYTHONPATH=evaluation python -m s2fast_eval.digits.frontier run ..."}
     files = {"none": [row("none", 0.85, 20)], "cfg": [row("cfg", 0.95, 15), row("cfg", 0.99, 25)],
              "s2": [row("s2", 0.96, 14), row("s2", 0.97, 16, sigma_interval=[0.1, 0.9])]}
     for name, rows in files.items():

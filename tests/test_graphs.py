@@ -8,7 +8,8 @@ import torch
 
 import s2fast
 from s2fast import S2Config, tiny
-from s2fast.graphs import BlockGraphs, EagerBackend, flatten_shared, warmup_subnets
+from s2fast.graphs import BlockGraphs, EagerBackend, flatten_shared
+from s2fast.plan import warmup_subnets
 
 
 def test_a_key_is_captured_once_and_replayed():
@@ -59,11 +60,11 @@ def test_flatten_shared():
 
 
 def test_warmup_subnets_fork_at_the_first_droppable_block():
-    assert warmup_subnets(8, S2Config()) == ((1,),)
-    assert warmup_subnets(8, S2Config(protected_blocks=(0, 1, 2), num_masks=3)) == ((3,),) * 3
+    assert warmup_subnets(S2Config(), 8) == ((1,),)
+    assert warmup_subnets(S2Config(protected_blocks=(0, 1, 2), num_masks=3), 8) == ((3,),) * 3
     # s2fast's CFG baseline (ω = 0) and all-empty explicit masks never run a sub-network lane: no graphs for one
-    assert warmup_subnets(8, S2Config(omega=0.0)) == ()
-    assert warmup_subnets(8, S2Config(masks=[(), ()])) == ()
+    assert warmup_subnets(S2Config(omega=0.0), 8) == ()
+    assert warmup_subnets(S2Config(masks=[(), ()]), 8) == ()
 
 
 def _family(name):
@@ -166,7 +167,7 @@ def test_chained_and_unchained_graphs_equal_eager_and_chaining_saves_memory(name
     try:
         for chain in (True, False):
             s2fast.wrap(pipe, config, _graph_backend=EagerBackend())
-            controller = s2fast.api._controller(pipe)
+            controller = s2fast.serving.controller_of(pipe)
             state = controller.state(pipe.transformer)
             controller._decide_graphs(pipe.transformer, state)
             state.graphs.chain = chain

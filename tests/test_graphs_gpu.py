@@ -163,7 +163,7 @@ def test_invalidation_takes_fresh_pools():
     s2fast.wrap(pipe, S2Config(omega=0.5, seed=0, cuda_graphs=True))
     try:
         _run(pipe, kw)
-        graphs = s2fast.api._controller(pipe).state(pipe.transformer).graphs
+        graphs = s2fast.serving.controller_of(pipe).state(pipe.transformer).graphs
         before = {tuple(p) for p in graphs.backend.pools}
         block = pipe.transformer.transformer_blocks[1]
         block.ff.net[2].weight = torch.nn.Parameter(block.ff.net[2].weight.detach().clone())

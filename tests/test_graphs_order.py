@@ -10,7 +10,8 @@ import torch
 
 import s2fast
 from s2fast import S2Config, tiny
-from s2fast.graphs import BlockGraphs, RecordingBackend, warmup_predictions
+from s2fast.graphs import BlockGraphs, RecordingBackend
+from s2fast.plan import warmup_predictions
 
 STEPS = 4
 
@@ -106,17 +107,17 @@ def test_new_sampling_captures_nothing_after_the_warm_up(sd3):
             for seed in range(1, 4):
                 _call(pipe, kw, seed)
             assert s2fast.graph_stats(pipe)["captures"] == first["captures"], config
-            assert first["pools"] == len(warmup_predictions(tiny.SD3Shape().num_layers, config))
+            assert first["pools"] == len(warmup_predictions(config, tiny.SD3Shape().num_layers))
         finally:
             s2fast.unwrap(pipe)
 
 
 def test_warmup_predictions():
-    assert warmup_predictions(8, S2Config()) == (((1,),),)
-    assert warmup_predictions(8, S2Config(omega=0.0)) == ((),)
-    assert warmup_predictions(8, S2Config(reuse_prefix=False, num_masks=2)) == (((), ()),)
+    assert warmup_predictions(S2Config(), 8) == (((1,),),)
+    assert warmup_predictions(S2Config(omega=0.0), 8) == ((),)
+    assert warmup_predictions(S2Config(reuse_prefix=False, num_masks=2), 8) == (((), ()),)
     droppable = tuple(range(1, 8))
-    assert warmup_predictions(8, S2Config(fork_mode="join", num_masks=2)) == (
+    assert warmup_predictions(S2Config(fork_mode="join", num_masks=2), 8) == (
         ((1,), (1,)), ((1,), droppable), (droppable, droppable))
     # without batched branches there is no joined lane: "join" behaves as "separate"
-    assert warmup_predictions(8, S2Config(fork_mode="join", batch_branches=False)) == (((1,),),)
+    assert warmup_predictions(S2Config(fork_mode="join", batch_branches=False), 8) == (((1,),),)

@@ -138,7 +138,7 @@ def test_flux_rotary_tensors_are_one_shared_buffer_read_in_place():
     s2fast.wrap(pipe, CONFIG, _graph_backend=EagerBackend())
     try:
         graphed, masks = _call(pipe, kw), s2fast.trace(pipe)
-        graphs = s2fast.api._controller(pipe).state(pipe.transformer).graphs
+        graphs = s2fast.serving.controller_of(pipe).state(pipe.transformer).graphs
         shared = {ptr for ptr in graphs._shared_ptrs}
         per_graph = [{t.data_ptr() for t in g.static_in if t is not None} & shared for g in graphs._graphs.values()]
     finally:

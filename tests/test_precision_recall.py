@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from s2fast.quality.metrics import knn_radii, manifold_coverage, precision_recall
+from s2fast_eval.quality.metrics import knn_radii, manifold_coverage, precision_recall
 
 
 def line(*values):

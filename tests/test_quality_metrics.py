@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-
-from s2fast.quality.metrics import all_metrics, frechet_distance, gaussian_stats, mmd2, mode_mean_errors, sliced_wasserstein
-from s2fast.quality.toys import MIXTURE_1D, MIXTURE_2D, MIXTURES
+from s2fast_eval.quality.metrics import all_metrics, frechet_distance, gaussian_stats, mmd2, mode_mean_errors, sliced_wasserstein
+from s2fast_eval.quality.toys import MIXTURE_1D, MIXTURE_2D, MIXTURES
 
 N = 4000
 
@@ -86,7 +85,7 @@ def test_frechet_from_samples_separates_same_from_shifted():
 def test_exact_velocity_transports_noise_to_each_class():
     """Euler-integrating the closed-form velocity from σ = 1 to 0 turns N(0, I) into N(μ_c, s² I): the known answer
     of the flow. 400 steps keep the discretisation error far below the sampling error (about 0.03 here)."""
-    from s2fast.quality.toy_alignment import exact_velocity
+    from s2fast_eval.quality.toy_alignment import exact_velocity
 
     labels = MIXTURE_2D.balanced_labels(4000)
     x = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
@@ -100,7 +99,7 @@ def test_exact_velocity_transports_noise_to_each_class():
 
 
 def test_exact_velocity_at_the_ends():
-    from s2fast.quality.toy_alignment import exact_velocity
+    from s2fast_eval.quality.toy_alignment import exact_velocity
 
     x, labels = torch.tensor([[1.0, -2.0]]), torch.tensor([3])
     mu = MIXTURE_2D.mean_tensor()[3]
@@ -109,7 +108,7 @@ def test_exact_velocity_at_the_ends():
 
 
 def test_alignment_fit_on_known_lines():
-    from s2fast.quality.toy_alignment import fit
+    from s2fast_eval.quality.toy_alignment import fit
 
     x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
     exact = fit(x, 2.5 * x)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from s2fast_eval.quality.toy_model import Guidance, ToyAdapter, ToyDenoiser, Trained, sample, subnet_schedule, train
+from s2fast_eval.quality.toys import MIXTURE_2D
 
 from s2fast.adapters.base import BranchRows
 from s2fast.engine import EngineOptions, predict
-from s2fast.quality.toy_model import Guidance, ToyAdapter, ToyDenoiser, Trained, sample, subnet_schedule, train
-from s2fast.quality.toys import MIXTURE_2D
 
 # The engine batches [uncond, cond] where this file's loop runs them apart: fp32 GEMMs at different batch sizes
 # may round differently (~1e-7 relative); 1e-5 leaves room over 16 steps and fails on any real difference
@@ -94,8 +94,7 @@ def test_toy_evaluation_runs_end_to_end(tmp_path):
     import json
 
     from PIL import Image
-
-    from s2fast.quality import toy_eval
+    from s2fast_eval.quality import toy_eval
 
     toy_eval.main(["--mixture", "2d", "--out", str(tmp_path), "--train-steps", "20", "--samples", "64",
                    "--seeds", "2", "--sampling-steps", "4", "--lams", "3", "--omegas", "0.5"])

@@ -7,6 +7,8 @@ import importlib
 import inspect
 from typing import Dict, Tuple, Type, Union
 
+from .base import FamilyAdapter
+
 # diffusers pipeline class name -> (module, adapter class). One file per family; the engine never names one.
 _FAMILIES = {
     "StableDiffusion3Pipeline": ("s2fast.adapters.sd3", "SD3Adapter"),
@@ -45,8 +47,6 @@ def register_adapter(pipeline_class: type, adapter_class: type, *, replace: bool
 
     The project's own digits pipeline (``s2fast.digits.DigitsFlowPipeline``) registers itself this way.
     """
-    from .base import FamilyAdapter
-
     if not inspect.isclass(pipeline_class):
         raise TypeError(f"register_adapter: pipeline_class must be a class, got {pipeline_class!r}")
     if not (inspect.isclass(adapter_class) and issubclass(adapter_class, FamilyAdapter)):

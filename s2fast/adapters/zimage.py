@@ -27,13 +27,12 @@ from typing import Any, Dict
 
 import torch
 
+from ..kernels import mean_of_subs
 from .base import BranchRows, FamilyAdapter, LaneState, StepRequest, model_output
 
 
 def zimage_combine(cond, uncond, subs, scale, omega):
     """Eq. 4 in ZImagePipeline's form and precision: C + λ(C − U) − ω(S̄ − C), every operand in fp32."""
-    from s2fast.kernels import mean_of_subs
-
     c = cond.float()
     d = c if uncond is None else c + scale * (c - uncond.float())
     if not subs or omega == 0:

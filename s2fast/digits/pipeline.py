@@ -17,6 +17,9 @@ from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDi
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..adapters import register_adapter
+from .adapter import DigitsAdapter
+
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
 
 
@@ -108,22 +111,24 @@ class DigitsFlowPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=samples) if return_dict else (samples,)
 
 
+def balanced_labels(n: int) -> torch.Tensor:
+    """``n`` class labels, 0 to 9 in turn (n a positive multiple of 10): the demo's balanced classes."""
+    if n < 10 or n % 10:
+        raise ValueError(f"the sample count must be a positive multiple of 10 (balanced classes), got {n}")
+    return torch.arange(10).repeat(n // 10)
+
+
 def load_default_pipeline(path: Optional[str] = None, dtype: torch.dtype = torch.float32) -> DigitsFlowPipeline:
-    """The embedded default (trained by ``python -m s2fast.digits.train``), loaded offline from the package."""
+    """The embedded default (trained by ``python -m s2fast_eval.digits.train`` from the repository's evaluation
+    folder), loaded offline from the package."""
     path = path or DEFAULT_WEIGHTS
     if not os.path.exists(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"no trained digits pipeline at {path} (train one: python -m s2fast.digits.train)")
+        raise FileNotFoundError(f"no trained digits pipeline at {path} (train one from a checkout of the repository: "
+                                "PYTHONPATH=evaluation python -m s2fast_eval.digits.train)")
     pipe = DigitsFlowPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, low_cpu_mem_usage=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _register() -> None:
-    # Through the public registry, as any project's own pipeline would: s2fast.wrap then supports this class.
-    from ..adapters import register_adapter
-    from .adapter import DigitsAdapter
-
-    register_adapter(DigitsFlowPipeline, DigitsAdapter)
-
-
-_register()
+# Through the public registry, as any project's own pipeline would: s2fast.wrap then supports this class.
+register_adapter(DigitsFlowPipeline, DigitsAdapter)

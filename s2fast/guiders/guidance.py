@@ -29,7 +29,9 @@ from .. import masks as mask_sampling
 from ..adapters.base import model_output
 from ..adapters.rows import BranchRows
 from ..config import S2Config, public_step_form
-from ..controller import Controller, _call_inputs, _Run
+from ..controller import _USERS, Controller, _call_inputs, _Run
+from ..graphs import release_graphs
+from ..kernels import guided_prediction, mean_of_subs
 from ..plan import StepGuidance
 from ..sgg import SGGConfig
 from . import hook
@@ -145,8 +147,6 @@ class _EngineGuidance(BaseGuidance):
         hook.remove(denoiser)
 
     def _combine(self, pred_cond, pred_uncond, pred_sub) -> GuiderOutput:
-        from ..kernels import guided_prediction
-
         step = self._step_plan or StepGuidance()
         scale = None if pred_uncond is None else self.guidance_scale + step.guidance_offset
         subs = [] if pred_sub is None else [pred_sub]
@@ -186,9 +186,6 @@ class _EngineGuidance(BaseGuidance):
         """Free the block graphs (and their device memory) kept for this guider's transformers; graphs a pipeline
         wrapped by s2fast.wrap still uses are kept. Swapping the guider out does not free them: the graphs live as
         long as the transformer, so that the next call with this guider replays them."""
-        from ..controller import _USERS
-        from ..graphs import release_graphs
-
         for controller in self._controllers.values():
             for model in list(controller._models.keys()):
                 if not any(c.active for c in _USERS.get(model, ())):
@@ -265,8 +262,6 @@ class _EngineGuidance(BaseGuidance):
         if UNCOND in self._names:
             self._served[UNCOND] = predictions[0]
         if subnets:
-            from ..kernels import mean_of_subs
-
             self._served[self._sub_prediction] = mean_of_subs(predictions[rows.count:])
         self._step_plan = planned
         run.trace[step] = subnets

@@ -8,6 +8,7 @@ transformer after the batch, even where the loop fails before ``cleanup_models``
 
 from __future__ import annotations
 
+import copy
 import types
 import weakref
 from typing import Any, Callable
@@ -35,8 +36,6 @@ class GuiderForward:
 
     def __deepcopy__(self, memo):
         # a copy of the model mid-batch is a stock model: its own forward (what binding accepts as the model's own)
-        import copy
-
         model = memo.get(id(self._model()))
         if self.previous is not None:
             return copy.deepcopy(self.previous, memo)

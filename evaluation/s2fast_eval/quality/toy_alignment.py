@@ -1,6 +1,6 @@
 """Does the sub-network err the way the full model errs? The paper's premise, measured with exact scores.
 
-    python -m s2fast.quality.toy_alignment --out benchmarks/quality/toys/alignment    (about 6 min on 2 CPU cores)
+    python -m s2fast_eval.quality.toy_alignment --out benchmarks/quality/toys/alignment    (about 6 min on 2 CPU cores)
 
 S² subtracts ω (D_s − D_c). It corrects the full model when the sub-network's deviation D_s − D_c points along the
 full model's own error D_c − D_exact, i.e. D_s − D_c ≈ β (D_c − D_exact) with β > 0: then −ω(D_s − D_c) =
@@ -24,8 +24,9 @@ from typing import Dict, List, Sequence
 import torch
 from tqdm import tqdm
 
-from ..config import S2Config
-from ..masks import sample_step
+from s2fast.config import S2Config
+from s2fast.masks import sample_step
+
 from .toy_model import ToyDenoiser, train
 from .toys import MIXTURES, Mixture
 
@@ -149,7 +150,7 @@ def main(argv=None) -> None:
     (out / "results.json").write_text(json.dumps({"args": vars(args), "seconds": round(seconds, 1),
                                                   "results": results}, indent=1))
     text = markdown(results)
-    (out / "results.md").write_text(text + f"\nCommand: `python -m s2fast.quality.toy_alignment "
+    (out / "results.md").write_text(text + f"\nCommand: `PYTHONPATH=evaluation python -m s2fast_eval.quality.toy_alignment "
                                     f"{' '.join(argv or __import__('sys').argv[1:])}`, {seconds / 60:.1f} min.\n")
     print(text)
     print(f"{seconds:.0f} s; written to {out}/")

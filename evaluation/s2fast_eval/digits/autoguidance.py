@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from .pipeline import DigitsFlowPipeline
+from s2fast.digits.pipeline import DigitsFlowPipeline
 
 
 @contextmanager

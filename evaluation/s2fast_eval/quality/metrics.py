@@ -1,4 +1,5 @@
-"""Distances between generated samples and the truth: per-mode mean error, sliced Wasserstein, MMD, Fréchet.
+"""Distances between generated samples and the truth: per-mode mean error, sliced Wasserstein, MMD, Fréchet (from
+s2fast.digits.metrics, where the demo finds it), precision and recall.
 
 Each is checked in tests/test_quality_metrics.py against cases with known answers (the truth against itself
 scores near zero; a shifted copy scores its shift).
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 import torch
+
+from s2fast.digits.metrics import frechet_distance, gaussian_stats  # noqa: F401  (the Fréchet distance lives with the demo)
 
 
 def mode_mean_errors(samples: torch.Tensor, labels: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
@@ -46,25 +49,6 @@ def mmd2(a: torch.Tensor, b: torch.Tensor, bandwidths: Sequence[float] = (0.5, 1
     saa = (kaa.sum() - kaa.diagonal().sum()) / (n * (n - 1))
     sbb = (kbb.sum() - kbb.diagonal().sum()) / (m * (m - 1))
     return float(saa + sbb - 2 * k(a, b).mean())
-
-
-def gaussian_stats(features: torch.Tensor):
-    """(mean, covariance) in float64 of the rows of ``features`` (N, d)."""
-    f = features.double()
-    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
-
-
-def frechet_distance(mean_a: torch.Tensor, cov_a: torch.Tensor, mean_b: torch.Tensor, cov_b: torch.Tensor) -> float:
-    """Fréchet distance between two Gaussians (FID's formula): |μa − μb|² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½).
-
-    The cross term goes through symmetric eigendecompositions (float64), so no scipy.linalg.sqrtm is needed and
-    its result is real; eigenvalues that rounding makes slightly negative are clipped at zero.
-    """
-    mean_a, cov_a, mean_b, cov_b = (t.double() for t in (mean_a, cov_a, mean_b, cov_b))
-    vals, vecs = torch.linalg.eigh(cov_a)
-    root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float((mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
 
 
 def all_metrics(samples: torch.Tensor, labels: torch.Tensor, truth: torch.Tensor, means: torch.Tensor) -> Dict[str, float]:

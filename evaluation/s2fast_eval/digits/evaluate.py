@@ -1,7 +1,7 @@
 """What guidance does to the digits model's samples: accuracy for the requested class and Fréchet distance in the
 classifier's features, for none / CFG / S² / naive S² / fixed-block skip over grids of λ and ω, several seeds.
 
-    python -m s2fast.digits.evaluate          # the table of benchmarks/quality/README.md (about 20 min, 2 cores)
+    python -m s2fast_eval.digits.evaluate          # the table of benchmarks/quality/README.md (about 20 min, 2 cores)
 
 Every method samples from the same initial noise for a given seed (common random numbers, so differences between
 methods are not drowned in sampling noise), with balanced labels (the same count of every class). S², naive S² and
@@ -22,10 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 import s2fast
-
-from ..config import S2Config
-from .classifier import DigitJudge, load_judge
-from .pipeline import DigitsFlowPipeline, load_default_pipeline
+from s2fast.config import S2Config
+from s2fast.digits.classifier import DigitJudge, load_judge
+from s2fast.digits.pipeline import DigitsFlowPipeline, balanced_labels, load_default_pipeline
 
 
 @dataclass(frozen=True)
@@ -86,12 +85,6 @@ def generate(pipe: DigitsFlowPipeline, method: Method, labels: torch.Tensor, see
     return torch.cat(out)
 
 
-def balanced_labels(n: int) -> torch.Tensor:
-    if n < 10 or n % 10:
-        raise ValueError(f"the sample count must be a positive multiple of 10 (balanced classes), got {n}")
-    return torch.arange(10).repeat(n // 10)
-
-
 def evaluate(pipe: DigitsFlowPipeline, judge: DigitJudge, methods: Sequence[Method], samples: int,
              seeds: Sequence[int], steps: int, batch: int = 500) -> List[Dict]:
     labels = balanced_labels(samples)
@@ -128,7 +121,7 @@ def markdown(rows: List[Dict], header: Dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m s2fast.digits.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m s2fast_eval.digits.evaluate", description=__doc__.split("\n\n")[0])
     floats = lambda s: [float(v) for v in s.split(",")]  # noqa: E731
     p.add_argument("--out", default="benchmarks/quality/digits", help="folder for results.json and results.md")
     p.add_argument("--weights", default=None, help="trained pipeline folder (default: the embedded one)")

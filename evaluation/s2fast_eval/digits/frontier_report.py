@@ -177,7 +177,8 @@ def plot(data: Dict[str, dict], path: str) -> None:
 def report(folder: str) -> None:
     data = load(folder)
     if not any(k != "floor" for k in data):
-        raise SystemExit(f"no <family>.json in {folder}: run `python -m s2fast.digits.frontier run` first")
+        raise SystemExit(f"no <family>.json in {folder}: run `PYTHONPATH=evaluation python -m s2fast_eval.digits.frontier "
+                         "run` first")
     text = markdown(data, folder)
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(text)

@@ -1,6 +1,6 @@
 """Train the toy denoisers and measure every guidance method against the closed-form truth.
 
-    python -m s2fast.quality.toy_eval --out benchmarks/quality/toys        (about 8 minutes on 2 CPU cores)
+    python -m s2fast_eval.quality.toy_eval --out benchmarks/quality/toys        (about 8 minutes on 2 CPU cores)
 
 For each mixture (1-D modes at ±4, 2-D modes at (±4, ±4)): train one model (seeded), then sample a balanced set of
 labels with none / CFG / AutoGuidance (the 10 % checkpoint) per λ, S² and naive S² (N = 4) per (λ, ω), and a fixed

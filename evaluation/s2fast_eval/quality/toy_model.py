@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from s2fast.kernels import guided_flow_step
 from torch import nn
 
-from ..adapters.base import BranchRows, LaneState, ModelAdapter
-from ..config import S2Config
-from ..engine import EngineOptions, predict
-from ..masks import schedule
+from s2fast.adapters.base import BranchRows, LaneState, ModelAdapter
+from s2fast.config import S2Config
+from s2fast.engine import EngineOptions, predict
+from s2fast.masks import schedule
+
 from .toys import Mixture
 
 
@@ -178,7 +180,6 @@ def subnet_schedule(guidance: Guidance, steps: int, num_blocks: int) -> List[Tup
 def sample(trained: Trained, labels: torch.Tensor, guidance: Guidance, *, steps: int = 32, seed: int = 0,
            keep_trajectory: bool = False) -> Dict[str, torch.Tensor]:
     """Samples for ``labels`` with ``guidance``; {"samples": (n, dim), "trajectory": (steps + 1, n, dim) if kept}."""
-    from ..kernels import guided_flow_step
 
     if guidance.kind not in KINDS:
         raise ValueError(f"Guidance.kind must be one of {KINDS}, got {guidance.kind!r}")

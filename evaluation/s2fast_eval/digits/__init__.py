@@ -1,0 +1,1 @@
+"""Training, guidance frontiers and AutoGuidance for the embedded digits model (s2fast.digits)."""
