@@ -3,6 +3,7 @@ and run the demo.
 
     s2fast generate MODEL --prompt TEXT --out DIR [--method cfg|s2] [--compare] [--prompts FILE] ...
     s2fast bench MODEL [--steps N] [--rounds R] [--json FILE]
+    s2fast ui [MODEL] [--port PORT]
     s2fast demo [demo options]
 
 MODEL is a local diffusers folder, a Hugging Face hub id (diffusers' own loading and cache; HF_HUB_OFFLINE is
@@ -65,10 +66,17 @@ def _blocks(text: str) -> tuple:
     return blocks
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must lie in 1..65535, got {value}")
+    return value
+
+
+def _model_options(p: argparse.ArgumentParser, default_model: Optional[str] = None) -> None:
+    p.add_argument("model", metavar="MODEL", nargs=None if default_model is None else "?", default=default_model,
                    help="a local diffusers pipeline folder, a hub id (e.g. stabilityai/stable-diffusion-3.5-medium), "
-                        "or 'digits' (the embedded MNIST DiT)")
+                        "or 'digits' (the embedded MNIST DiT)" + ("" if default_model is None else f"; default {default_model}"))
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weights and activations: auto = bf16 on a GPU, fp32 on the CPU (default auto)")
     p.add_argument("--device", default=None,
@@ -114,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     from s2fast import __version__
 
     parser.add_argument("--version", action="version", version=f"s2fast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,bench,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,bench,ui,demo}")
     sub.required = True
 
     gen = sub.add_parser("generate", help="sample images with CFG or S² and write PNGs and run.json",
@@ -141,7 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=_positive_int, default=5, help="interleaved timing rounds (default 5)")
     bench.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
 
-    parser.subcommands = {"generate": gen, "bench": bench}  # for the cross-option errors, in the subcommand's name
+    ui = sub.add_parser("ui", help="a local page comparing CFG and S² or SGG from the same noise (needs s2fast[ui])",
+                        description="Serve a page on 127.0.0.1 that samples CFG and S² (or SGG) from the same noise "
+                                    "side by side, with per-step times, the masks drawn and a sweep over ω from one "
+                                    "seed. Needs the ui extra: pip install 's2fast[ui]' (gradio).")
+    _model_options(ui, default_model="digits")
+    ui.add_argument("--port", type=_port, default=7860, help="the port on 127.0.0.1 (default 7860)")
+
+    parser.subcommands = {"generate": gen, "bench": bench, "ui": ui}  # for the cross-option errors, in the subcommand's name
     sub.add_parser("demo", help="the digits demo (CFG vs S² on the embedded model); `s2fast demo --help`",
                    add_help=False)
     return parser
@@ -170,6 +185,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     _check(parser, args)
     if args.command == "generate":
         from . import generate as command
+    elif args.command == "ui":
+        from . import ui as command
     else:
         from . import bench as command
     sys.exit(_guarded(lambda: command.run(args)))

@@ -23,9 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .methods import METHODS
 from .models import family_of, load_pipeline, resolve_device, resolve_dtype, sibling
-from .runtime import Processes, StepClock, device_record, versions
+from .runtime import Processes, device_record, versions
+from .sampling import attach, sample_methods
 
 SETTINGS = ("model", "method", "compare", "omega", "drop_ratio", "skip_blocks", "skip_scale", "steps", "guidance", "seed",
             "negative_prompt", "height", "width", "frames", "dtype", "offload")
@@ -159,46 +159,20 @@ def method_pipelines(pipe, methods: List[str], args) -> Dict:
     return pipes
 
 
-def attach(method: str, pipe, args) -> None:
-    """Set ``pipe`` up for ``method``; a config the model cannot serve (SGG's blocks beyond its depth) is one line."""
-    try:
-        METHODS[method].attach(pipe, args)
-    except ValueError as e:
-        raise UserError(f"--method {method}: {str(e).strip().splitlines()[0]}") from None
-
-
 def _generate(pipes: Dict, family, args, job: Job, methods: List[str], settings: Dict, device, processes) -> None:
     files = job.files(methods, args.compare)
     for name in [*files.values(), f"{job.stem}.json"]:  # leftovers of an earlier attempt that did not finish
         _remove(os.path.join(args.out, name))
     kwargs = family.call_kwargs(pipes[methods[-1]], args, job.prompt)
-    images, runs = {}, {}
-    for method in methods:
-        pipe = pipes[method]
-        if args.offload:  # one pipeline for every method (see method_pipelines): set it up for this one
-            attach(method, pipe, args)
-        clock = StepClock(pipe, device)
-        generator = torch.Generator(device="cpu").manual_seed(job.seed)  # the same noise for every method
-        try:
-            with clock as timing:
-                result = pipe(**kwargs, generator=generator, output_type="pil", **timing)
-        except torch.OutOfMemoryError:
-            raise UserError(f"out of memory on {device} at prompt {job.index} ({job.stem}); earlier outputs are "
-                            "kept (try --offload model, a smaller --height/--width or --dtype bf16)") from None
-        except (ValueError, TypeError) as e:  # the pipeline's own refusal of an option value
-            raise UserError(f"{type(pipe).__name__} refused the options: {str(e).strip().splitlines()[0]}") from None
-        import s2fast
-
-        trace = s2fast.trace(pipe) if s2fast.config_of(pipe) is not None else None
-        images[method] = result.images[0]
-        runs[method] = {"total_time_s": clock.total, "step_times_s": clock.step_times,
-                        "trace": None if trace is None else [_jsonable(m) for m in trace]}
+    runs = sample_methods(pipes, methods, args, kwargs, job.seed, device,
+                          where=f"prompt {job.index} ({job.stem}); earlier outputs are kept")
+    images = {m: run.output.images[0] for m, run in runs.items()}
     for method in methods:
         _save_png(images[method], os.path.join(args.out, files[method]))
     if args.compare:
         _save_png(side_by_side([images[m] for m in methods]), os.path.join(args.out, files["compare"]))
     record = {"index": job.index, "prompt": job.prompt, "seed": job.seed, "files": files, "settings": settings,
-              "runs": runs, "process": processes.index, "device": str(device),
+              "runs": {m: run.record() for m, run in runs.items()}, "process": processes.index, "device": str(device),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_exclusive(os.path.join(args.out, f"{job.stem}.json"), json.dumps(record, indent=1).encode())
 
@@ -215,10 +189,6 @@ def side_by_side(images, gap: int = 4):
         canvas.paste(im, (x, 0))
         x += im.width + gap
     return canvas
-
-
-def _jsonable(mask):
-    return [_jsonable(m) for m in mask] if isinstance(mask, (tuple, list)) else int(mask)
 
 
 def _save_png(image, path: str) -> None:
