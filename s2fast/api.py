@@ -22,7 +22,8 @@ def wrap(pipe, config: Union[S2Config, SGGConfig, None] = None, *, _predictor: O
     ValueError the pipeline is exactly as it was (wrapped with its old config, or not at all).
     ``s2fast.unwrap(pipe)`` restores it.
 
-    Works with ``enable_model_cpu_offload`` (before or after wrap) and with model-level diffusers hooks; refuses
+    Works with ``enable_model_cpu_offload`` and diffusers' context parallelism (``enable_parallelism``; before or
+    after wrap: s2fast/context_parallel.py) and with model-level diffusers hooks; refuses
     caches, sequential offload and group offloading, naming them. A copy of a wrapped pipeline (``copy.copy``,
     ``copy.deepcopy``, pickling) is wrapped with the same config. A transformer shared by several pipelines serves
     each as it is wrapped or not.

@@ -87,6 +87,7 @@ class ModelForward:
             pipe, frame_locals = caller
             controller = self.serving(pipe, model)
             if controller is not None:
+                args, kwargs = call_as_made(model, args, kwargs)
                 return controller.forward(pipe, model, frame_locals, args, kwargs)
         return type(model).forward(model, *args, **kwargs)
 
@@ -224,6 +225,11 @@ def incompatible_hooks(model) -> List[str]:
     return list(found)
 
 
+def has_hooks(model) -> bool:
+    """Whether ``model`` or a submodule carries a diffusers or accelerate hook (a cheap walk; see _any_hook)."""
+    return _any_hook(model)
+
+
 def _any_hook(model) -> bool:
     """Whether ``model`` or a submodule carries a diffusers or accelerate hook. A plain walk of ``_modules``: about
     a third of ``named_modules``' time, which builds a name and fills a set per module (the check runs at each
@@ -254,6 +260,30 @@ def model_offloaded(model) -> bool:
 
 
 # --- which pipeline call is this? -------------------------------------------------------------------------------
+ROOT_SPLIT_HOOK = "cp_input---"  # diffusers' context parallelism: the plan's split of the model's own inputs
+
+
+def call_as_made(model, args: tuple, kwargs: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any]]:
+    """The arguments of the call ``model(...)`` that reached the base of its chain, as the caller passed them.
+
+    Only context parallelism's root split (``cp_input---``, s2fast/context_parallel.py) rewrites a call's arguments
+    on the way down: it shards the pipeline's tensors for this call alone, while S² builds its other branches from
+    the pipeline's locals, unsharded, and shards every branch itself. Then the arguments are read from torch's
+    module call of ``model`` up the stack, before any hook ran; otherwise they are returned as they came.
+    """
+    registry = model.__dict__.get("_diffusers_hook")
+    if registry is None or ROOT_SPLIT_HOOK not in getattr(registry, "hooks", {}):
+        return args, kwargs
+    module_call = torch.nn.Module._wrapped_call_impl.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is module_call and frame.f_locals.get("self") is model:
+            return tuple(frame.f_locals["args"]), dict(frame.f_locals["kwargs"])
+        frame = frame.f_back
+    raise RuntimeError(f"s2fast: {type(model).__name__} runs under context parallelism, and its call was not made "
+                       "through torch's module call; s2fast cannot read the arguments before the plan's split")
+
+
 def calling_pipeline(model, max_depth: int = 32) -> Optional[Tuple[Any, Dict[str, Any]]]:
     """(pipeline, the locals of its ``__call__``) when ``model`` was called by a pipeline's ``__call__`` itself,
     else None.

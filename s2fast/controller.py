@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import binding, fork_choice, plan
+from . import binding, context_parallel, distributed, fork_choice, plan
 from . import masks as mask_sampling
 from .adapters import check_model
 from .adapters.base import FamilyAdapter, PipelineLocals, StepRequest
@@ -68,7 +68,7 @@ class _Run:
     steps: int
     trace: List[Tuple[Mask, ...]]
     denoisers: List[Optional[str]]                    # which denoiser attribute ran each step
-    schedules: Dict[int, List[StepGuidance]] = field(default_factory=dict)  # per block count
+    schedules: Dict[Tuple, List[StepGuidance]] = field(default_factory=dict)  # per block count, fixed blocks
     seed: Optional[int] = None                        # drawn once per call when the config's seed is None
     memo: Dict[str, Any] = field(default_factory=dict)
     follow_up: Optional[_FollowUp] = None
@@ -77,12 +77,15 @@ class _Run:
     steps_served: int = 0
     sigmas: Optional[List[float]] = None               # the scheduler's noise levels, read when S² needs them
 
-    def guidance(self, config, step: int, num_blocks: int) -> StepGuidance:
-        """This step's plan for a denoiser of ``num_blocks`` blocks (experts may differ in block count)."""
-        if num_blocks not in self.schedules:
-            self.schedules[num_blocks] = plan.guidance_steps(config, self.steps, num_blocks, seed=self.seed,
-                                                             sigmas=self.sigmas)
-        return self.schedules[num_blocks][step]
+    def guidance(self, config, step: int, num_blocks: int, fixed_blocks: Tuple[int, ...] = ()) -> StepGuidance:
+        """This step's plan for a denoiser of ``num_blocks`` blocks (experts may differ in block count);
+        ``fixed_blocks`` are never dropped (context parallelism's split blocks, s2fast/context_parallel.py)."""
+        key = (num_blocks, fixed_blocks)
+        if key not in self.schedules:
+            config = context_parallel.with_protected(config, fixed_blocks)
+            self.schedules[key] = plan.guidance_steps(config, self.steps, num_blocks, seed=self.seed,
+                                                      sigmas=self.sigmas)
+        return self.schedules[key][step]
 
 
 @dataclass
@@ -228,7 +231,8 @@ class Controller:
         memo = ("fork_mode", id(model))
         mode = run.memo.get(memo)
         if mode is None:
-            subnets = plan.warmup_subnets(c, state.num_blocks)  # fork as early as any step can: the modes differ most
+            cp = self.context_parallel(run, model)
+            subnets = plan.warmup_subnets(self._plan_config(cp), state.num_blocks)  # fork as early as any step can
             if not c.batch_branches or not subnets or self.predictor is not predict:
                 mode = "separate"  # no step of this call forks, nothing to join, or a predictor without modes
             else:
@@ -241,10 +245,19 @@ class Controller:
                 row_bytes = sum(t.numel() for t in flow if t is not None) * size // rows.rows_per_branch
                 mode = fork_choice.fork_mode_for(model, self._input_key(rows), trial, row_bytes, rows.rows_per_branch,
                                                  len(subnets), self.fork_timer)
+                # ranks that share a sample run the first rank's choice: their collectives must pair up
+                mode = distributed.broadcast_object(mode, cp.group if cp is not None else None)
             run.memo[memo] = mode
         return mode
 
-    def _decide_graphs(self, model, state: _Denoiser) -> None:
+    def _decide_graphs(self, model, state: _Denoiser, cp=None) -> None:
+        if cp is not None:  # no block graphs under context parallelism (refused at wrap when asked for)
+            if state.graphs is not None:
+                release_graphs(model)
+                state.graphs = None
+            state.graphs_decided = False  # decided afresh if the parallelism is removed
+            log_once("s2fast: cuda_graphs='auto' runs without block graphs under context parallelism")
+            return
         if state.graphs is not None and binding.model_offloaded(model):
             # offloading enabled after the graphs were captured: they would be recaptured at every call
             log_once("s2fast: block graphs dropped: the transformer is under model CPU offload")
@@ -275,14 +288,20 @@ class Controller:
         first = rows.branch(0)
         return (rows.count, tuple((k, tuple(v.shape), v.dtype) for k, v in first.items() if isinstance(v, torch.Tensor)))
 
-    def _attention_for(self, model, state: _Denoiser, rows, key: Tuple) -> Optional[str]:
-        """The attention backend for these inputs ("fastest": measured here, eagerly, before any graph capture)."""
+    def _attention_for(self, model, state: _Denoiser, rows, key: Tuple, cp=None) -> Optional[str]:
+        """The attention backend for these inputs ("fastest": measured here, eagerly, before any graph capture;
+        under context parallelism, the first rank's measurement on every rank)."""
         c = self.config
         if c.attention != "fastest":  # every step goes through here: nothing to build for a fixed choice
             return None if c.attention == "default" else c.attention
         eager = EngineOptions(c.batch_branches, c.reuse_prefix, "separate", None)
-        run = lambda: self.predictor(self.adapter, model, rows, plan.warmup_subnets(c, state.num_blocks), eager)  # noqa: E731
-        return state.attention.backend_for(key, run, model.device)
+        subnets = plan.warmup_subnets(self._plan_config(cp), state.num_blocks)
+        run = lambda: self.predictor(self.adapter, model, rows, subnets, eager)  # noqa: E731
+        measured = key in state.attention.chosen
+        backend = state.attention.backend_for(key, run, model.device)
+        if cp is not None and not measured:
+            backend = state.attention.chosen[key] = distributed.broadcast_object(backend, cp.group)
+        return backend
 
     def _warm_up(self, model, state: _Denoiser, rows, key: Tuple, fork_mode: str) -> None:
         """Before the first step of a new input shape (or LoRA scale, autocast state, config, fork mode):
@@ -316,7 +335,7 @@ class Controller:
             raise RuntimeError(f"s2fast: step {step} of a {run.steps}-step call; the pipeline's loop is not "
                                "the one s2fast supports")
         request = self.adapter.request(pipe, call_locals, inputs, run.memo)
-        guidance = run.guidance(self.config, step, state.num_blocks)
+        guidance = run.guidance(self.config, step, state.num_blocks, self.fixed_blocks(run, model))
         d, predictions = self._guided(pipe, model, state, run, call_locals, request, guidance)
         if request.finish is not None:  # the pipeline's post-processing, with the true cond (StepRequest.finish)
             part = request.guided_part or (lambda p: p)
@@ -361,12 +380,17 @@ class Controller:
 
     def predictions(self, model, state: _Denoiser, run: _Run, rows, subnets) -> List[torch.Tensor]:
         """The engine's predictions of ``rows`` (each branch) and ``subnets`` (each sub-network of the cond branch)
-        under the config's engine options: block graphs, the attention backend and the fork mode decided here."""
-        self._decide_graphs(model, state)
+        under the config's engine options: block graphs, the attention backend and the fork mode decided here.
+        Under context parallelism every branch's rows are split as the plan splits the model's own inputs, and the
+        predictions come back whole (s2fast/context_parallel.py)."""
+        cp = self.context_parallel(run, model)
+        if cp is not None:
+            rows = rows.map_inputs(lambda inputs: context_parallel.shard_inputs(cp, inputs))
+        self._decide_graphs(model, state, cp)
         graphs = state.graphs
         # the input signature keys graph warm-ups and attention measurements; plain runs skip computing it
         key = self._input_key(rows) if graphs is not None or self.config.attention == "fastest" else None
-        backend = self._attention_for(model, state, rows, key)
+        backend = self._attention_for(model, state, rows, key, cp)
         with attention_backend(backend):
             fork_mode = self._fork_mode(model, state, run, rows)
             if graphs is not None:
@@ -375,7 +399,40 @@ class Controller:
                     graphs.check_model(model)
                 graphs.variant = (backend, self.config.compile_blocks)
                 self._warm_up(model, state, rows, key, fork_mode)
-            return self.predictor(self.adapter, model, rows, subnets, self.options(state, fork_mode))
+            predictions = self.predictor(self.adapter, model, rows, subnets, self.options(state, fork_mode))
+        if cp is not None and cp.root_gather is not None:
+            predictions = [context_parallel.gather_prediction(cp, model, p) for p in predictions]
+        return predictions
+
+    # --- context parallelism (s2fast/context_parallel.py) --------------------------------------------------------
+    def context_parallel(self, run: _Run, model) -> Optional[context_parallel.ContextParallel]:
+        """The context parallelism on ``model`` for this pipeline call (looked up once per call: it may be enabled
+        between calls); ValueError for what the config asks that it cannot serve."""
+        memo = ("context_parallel", id(model))
+        if memo not in run.memo:
+            cp = context_parallel.find(self.adapter, model) if binding.has_hooks(model) else None
+            if cp is not None:
+                refuse_under_context_parallel(cp, self.config, model, self.adapter.num_blocks(model))
+            run.memo[memo] = cp
+        return run.memo[memo]
+
+    def fixed_blocks(self, run: _Run, model) -> Tuple[int, ...]:
+        cp = self.context_parallel(run, model)
+        return cp.fixed_blocks if cp is not None else ()
+
+    def share_seed(self, run: _Run, models) -> None:
+        """A seed drawn for this call (the config's is None), made the same on every rank of the first context-
+        parallel mesh among ``models``: ranks that drew their own masks would wait in collectives forever."""
+        if getattr(self.config, "seed", None) is not None or run.memo.get("seed_shared"):
+            return
+        run.memo["seed_shared"] = True
+        cp = next((cp for cp in (self.context_parallel(run, m) for m in models) if cp is not None), None)
+        if cp is not None:
+            run.seed = distributed.shared_seed(None, lambda: run.seed, cp.group)
+            run.schedules.clear()
+
+    def _plan_config(self, cp):
+        return context_parallel.with_protected(self.config, cp.fixed_blocks) if cp is not None else self.config
 
     def _run_for(self, pipe, call_locals: PipelineLocals) -> _Run:
         timesteps = self.adapter.call_schedule(pipe, call_locals)
@@ -389,8 +446,9 @@ class Controller:
             seed = getattr(self.config, "seed", None)
             seed = seed if seed is not None else mask_sampling.fresh_seed()
             run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, n))
+            self.share_seed(run, [model for _, model in self.denoiser_models(pipe)])
             for _, model in self.denoiser_models(pipe)[:1]:
-                run.guidance(self.config, 0, self.state(model).num_blocks)
+                run.guidance(self.config, 0, self.state(model).num_blocks, self.fixed_blocks(run, model))
             self._run = run
         return self._run
 
@@ -448,11 +506,21 @@ def refuse_incompatible_hooks(pipe, name: str, model, since_wrap: bool = False) 
             + f". Remove it{hint}, or s2fast.unwrap the pipeline to use it")
 
 
+def refuse_under_context_parallel(cp, config, model, num_blocks: int) -> None:
+    found = context_parallel.refusals(cp, config, num_blocks)
+    if found:
+        raise ValueError(f"s2fast cannot run S² on this {type(model).__name__} under context parallelism: "
+                         + "; ".join(found))
+
+
 def check_attachable(adapter, config: S2Config, pipe, name: str, model, graph_backend=None) -> None:
     """Every check wrap makes on one denoiser, before anything changes (ValueError naming the problem)."""
     check_model(adapter, pipe, name, model)
     config.check_blocks(adapter.num_blocks(model))
     refuse_incompatible_hooks(pipe, name, model)
+    cp = context_parallel.find(adapter, model) if binding.has_hooks(model) else None
+    if cp is not None:
+        refuse_under_context_parallel(cp, config, model, adapter.num_blocks(model))
     if binding.find(model) is None and binding.base_slot(model) is None:
         raise ValueError(binding.unknown_forward_message(model))
     if config.cuda_graphs is True and graph_backend is None:

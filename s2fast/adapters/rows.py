@@ -48,6 +48,14 @@ class BranchRows:
         """Branch ``j`` alone (one branch of B rows): the rows of a step that needs no uncond prediction."""
         return BranchRows(self.batched_keys, 1, branches=[self.branch(j)])
 
+    def map_inputs(self, fn) -> "BranchRows":
+        """These rows with ``fn(inputs)`` applied to each branch's inputs (or to the stacked ones, where only those
+        exist): context parallelism splits each branch's tokens as the model's own forward would."""
+        if self._branches is not None:
+            return BranchRows(self.batched_keys, self.count, branches=[fn(b) for b in self._branches],
+                              cond_branch=self.cond_branch)
+        return BranchRows(self.batched_keys, self.count, stacked=fn(self._stacked), cond_branch=self.cond_branch)
+
     def stacked(self) -> Optional[Dict[str, Any]]:
         """All branches in one batch, or None when their shared inputs differ (they cannot share a call)."""
         if self._stacked is None and not self._unstackable:

@@ -243,7 +243,8 @@ class _EngineGuidance(BaseGuidance):
             inputs = _from_sample_lists(inputs)
         self._check_inputs(adapter, family, model, inputs)
         run, step = self._run, self._step
-        planned = run.guidance(self.s2fast_config, step, state.num_blocks)
+        controller.share_seed(run, [model])  # under context parallelism: the first rank's masks on every rank
+        planned = run.guidance(self.s2fast_config, step, state.num_blocks, controller.fixed_blocks(run, model))
         with_sub = self._sub_prediction in self._names
         if self._enabled and bool(planned.subnets) != with_sub:
             raise RuntimeError(f"s2fast.{type(self).__name__}: step {step}'s plan changed with the block count")

@@ -30,6 +30,7 @@ class GuiderForward:
     def __call__(self, *args, **kwargs):
         model = self._model()
         try:
+            args, kwargs = binding.call_as_made(model, args, kwargs)  # before a context-parallel root split
             return self.serve(model, args, kwargs)
         finally:
             remove(model)
