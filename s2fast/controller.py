@@ -22,6 +22,7 @@ from . import masks as mask_sampling
 from .adapters import check_model
 from .adapters.base import FamilyAdapter, PipelineLocals, StepRequest
 from .attention import AttentionChoice, attention_backend
+from .branch_parallel import shared_seed
 from .config import Mask, S2Config, public_step_form
 from .engine import EngineOptions, graph_context, predict
 from .fused_step import FusedStep, SchedulerHook, fused_step_for_call
@@ -387,7 +388,10 @@ class Controller:
                 refuse_incompatible_hooks(pipe, name, model, since_wrap=True)
             n = len(timesteps)
             seed = getattr(self.config, "seed", None)
-            seed = seed if seed is not None else mask_sampling.fresh_seed()
+            if seed is None:
+                seed = mask_sampling.fresh_seed()
+                if self.config.branch_parallel:  # every rank must draw the same masks: rank 0's seed
+                    seed = shared_seed(seed)
             run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, n))
             for _, model in self.denoiser_models(pipe)[:1]:
                 run.guidance(self.config, 0, self.state(model).num_blocks)
