@@ -143,24 +143,26 @@ def schedule(count: int, cond: int, mask: Optional[Tuple[int, ...]], num_blocks:
 
 
 def predict(adapter: FamilyAdapter, model, rows: BranchRows, subnets: Sequence[Tuple[int, ...]],
-            options=None) -> List[torch.Tensor]:
+            options=None, group=None) -> List[torch.Tensor]:
     """The controller's predictor under ``branch_parallel``: every branch of ``rows``, then the sub-network, as
     the engine returns them with ``batch_branches=False``; this rank computes its share and all-gathers the rest.
-    ``options``: the engine's (reuse_prefix decides where S starts; graphs and fork modes do not apply)."""
+    ``options``: the engine's (reuse_prefix decides where S starts; graphs and fork modes do not apply).
+    ``group``: the process group of 2 or 3 ranks that share the step (None: the default group; the benchmarks
+    pass a sub-group, and a 2-D mesh would pass the branch dimension's)."""
     if len(subnets) > 1:
         raise ValueError(f"branch_parallel serves one sub-network per step, got {len(subnets)}")
     reuse_prefix = True if options is None else options.reuse_prefix
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     blocks = adapter.blocks(model)
     passes, programs = schedule(rows.count, rows.cond_branch, subnets[0] if subnets else None, len(blocks), world,
                                 reuse_prefix)
     _, lora_scale = split_lora_scale(rows.branch(0).get(adapter.attention_kwargs_key))
     with lora_scale_context(model, lora_scale):
-        mine = _execute(adapter, model, rows, blocks, passes, programs[rank])
-    return _gather(passes, programs, mine, rows.count + len(subnets))
+        mine = _execute(adapter, model, rows, blocks, passes, programs[rank], group)
+    return _gather(passes, programs, mine, rows.count + len(subnets), group)
 
 
-def _execute(adapter, model, rows, blocks, passes: List[_Pass], program: List[_Op]) -> Dict[int, torch.Tensor]:
+def _execute(adapter, model, rows, blocks, passes: List[_Pass], program: List[_Op], group) -> Dict[int, torch.Tensor]:
     states: Dict[int, LaneState] = {}
     sends: List = []
     heads: Dict[int, torch.Tensor] = {}
@@ -178,14 +180,19 @@ def _execute(adapter, model, rows, blocks, passes: List[_Pass], program: List[_O
                 if j not in drops:  # a dropped block passes its input through: nothing to compute
                     s.flow = adapter.run_block(blocks[j], s.flow, s.row_consts, s.shared)
         elif op.kind == "send":
-            sends += _send_flow(s.flow, op.peer)
+            sends += _send_flow(s.flow, _global(group, op.peer))
         elif op.kind == "recv":
-            s.flow = _recv_flow(op.peer, s.flow)
+            s.flow = _recv_flow(_global(group, op.peer), s.flow)
         else:
             heads[passes[op.pass_id].output] = adapter.head(model, s)
     for work in sends:  # the state sent must stay alive until the peer has it
         work.wait()
     return heads
+
+
+def _global(group, rank: int) -> int:
+    """The default group's rank of ``group``'s ``rank`` (point-to-point calls and broadcast sources take those)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
 
 
 def _send_flow(flow, peer: int) -> List:
@@ -239,12 +246,12 @@ def _recv_flow(peer: int, own_flow) -> List[Optional[torch.Tensor]]:
 
 
 def _gather(passes: List[_Pass], programs: List[List[_Op]], mine: Dict[int, torch.Tensor],
-            total: int) -> List[torch.Tensor]:
+            total: int, group=None) -> List[torch.Tensor]:
     """Every prediction on every rank: one all_gather of each rank's predictions stacked (padded to the most any
     rank holds). A rank with none this step learns their shape from the owner of the cond prediction first."""
     owned = [[passes[op.pass_id].output for op in program if op.kind == "head"] for program in programs]
     per_rank = max(len(o) for o in owned)
-    rank = dist.get_rank()
+    rank = dist.get_rank(group)
     if all(owned):
         like = next(iter(mine.values()))
         shape, dtype, device = like.shape, like.dtype, like.device
@@ -255,14 +262,14 @@ def _gather(passes: List[_Pass], programs: List[List[_Op]], mine: Dict[int, torc
         head = torch.zeros(_HEADER, dtype=torch.int64, device=device)
         if like is not None:
             head[:2 + like.ndim] = torch.tensor([_DTYPES.index(like.dtype), like.ndim, *like.shape])
-        dist.broadcast(head, src=src)
+        dist.broadcast(head, src=_global(group, src), group=group)
         words = head.tolist()
         dtype, shape = _DTYPES[words[0]], tuple(words[2:2 + words[1]])
     local = torch.zeros((per_rank, *shape), dtype=dtype, device=device)
     for slot, output in enumerate(owned[rank]):
         local[slot] = mine[output]
     gathered = [torch.empty_like(local) for _ in programs]
-    dist.all_gather(gathered, local)
+    dist.all_gather(gathered, local, group=group)
     predictions: List[Optional[torch.Tensor]] = [None] * total
     for r, outputs in enumerate(owned):
         for slot, output in enumerate(outputs):

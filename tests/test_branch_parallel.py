@@ -164,3 +164,40 @@ def test_a_seedless_config_ran_s2_where_its_interval_says(ranks):
     assert trace[0] == [] and all(trace[1:])  # interval (0.25, 1): no S² at step 0 of 4, one mask at each other
     sgg = ranks[0]["2"]["sd3-sgg"]["trace"]
     assert sgg == [[], [2, 3], [2, 3], [2, 3]]
+
+
+def test_the_command_refuses_parallel_branch_without_2_or_3_processes(tmp_path, capsys):
+    from s2fast.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "digits", "--prompt", "3", "--steps", "2", "--parallel", "branch", "--out", str(tmp_path)])
+    assert exit_.value.code != 0
+    assert "--parallel branch shares every step between 2 or 3 processes" in capsys.readouterr().err
+
+
+def test_the_command_under_torchrun_with_parallel_branch_writes_the_image_of_one_process(tmp_path):
+    """The embedded digits DiT, 3 steps, seeded masks: ``torchrun --nproc_per_node 2 -m s2fast generate ...
+    --parallel branch`` against the same command in one process (whose S² batches [cond, uncond] rows: the parallel
+    run computes each at batch 1, so the predictions may differ by batch-size rounding, ~1e-6 relative; the 8-bit
+    images are compared exactly, and the masks too)."""
+    import numpy as np
+    from PIL import Image
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    common = ["-m", "s2fast", "generate", "digits", "--prompt", "3", "--steps", "3", "--seed", "5", "--device", "cpu"]
+    runs = {"one": [sys.executable, *common],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
+                    "--parallel", "branch"]}
+    for name, argv in runs.items():
+        try:
+            done = subprocess.run([*argv, "--out", str(tmp_path / name)], env=env, capture_output=True, text=True,
+                                  timeout=HARD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name}: the command did not finish in {HARD_TIMEOUT_S} s")
+        assert done.returncode == 0, done.stderr[-3000:]
+    records = {name: json.loads((tmp_path / name / "run.json").read_text()) for name in runs}
+    assert records["two"]["finished"] == 1 and records["two"]["device"]["processes"] == 2
+    assert records["one"]["images"][0]["runs"]["s2"]["trace"] == records["two"]["images"][0]["runs"]["s2"]["trace"]
+    images = {name: np.asarray(Image.open(tmp_path / name / records[name]["images"][0]["files"]["s2"]))
+              for name in runs}
+    np.testing.assert_array_equal(images["one"], images["two"])
