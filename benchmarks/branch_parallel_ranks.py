@@ -12,13 +12,13 @@ import sys
 
 import torch
 import torch.distributed as dist
+from s2fast.kernels import guided_prediction
 
 from s2fast import tiny
 from s2fast.adapters.base import BranchRows
 from s2fast.adapters.sd3 import SD3Adapter
 from s2fast.branch_parallel import predict as parallel_predict
 from s2fast.engine import EngineOptions, predict
-from s2fast.kernels import guided_prediction
 
 SHAPE = tiny.BENCH_SD3
 L = SHAPE.num_layers

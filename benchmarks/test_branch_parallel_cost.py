@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the ranks' program, imported here as rank 0
 
 import branch_parallel_ranks as bp  # noqa: E402
+
 ROUNDS = 10
 
 

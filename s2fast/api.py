@@ -25,9 +25,9 @@ def wrap(pipe, config: Union[S2Config, SGGConfig, None] = None, *, _predictor: O
 
     Works with ``enable_model_cpu_offload`` (before or after wrap) and with model-level diffusers hooks; refuses
     caches, sequential offload and group offloading, naming them. ``branch_parallel=True`` in the config splits each
-    step's passes over the ranks of the default torch.distributed group (every rank calls the pipeline alike). A copy of a wrapped pipeline (``copy.copy``,
-    ``copy.deepcopy``, pickling) is wrapped with the same config. A transformer shared by several pipelines serves
-    each as it is wrapped or not.
+    step's passes over the ranks of the default torch.distributed group (every rank calls the pipeline alike).
+    A copy of a wrapped pipeline (``copy.copy``, ``copy.deepcopy``, pickling) is wrapped with the same config.
+    A transformer shared by several pipelines serves each as it is wrapped or not.
     """
     config = S2Config() if config is None else config
     if not isinstance(config, (S2Config, SGGConfig)):
