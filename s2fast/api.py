@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
+from . import branch_parallel
 from .adapters import adapter_for
 from .config import S2Config
 from .controller import Controller, Predictor
@@ -24,13 +25,21 @@ def wrap(pipe, config: Union[S2Config, SGGConfig, None] = None, *, _predictor: O
 
     Works with ``enable_model_cpu_offload`` and diffusers' context parallelism (``enable_parallelism``; before or
     after wrap: s2fast/context_parallel.py) and with model-level diffusers hooks; refuses
-    caches, sequential offload and group offloading, naming them. A copy of a wrapped pipeline (``copy.copy``,
-    ``copy.deepcopy``, pickling) is wrapped with the same config. A transformer shared by several pipelines serves
-    each as it is wrapped or not.
+    caches, sequential offload and group offloading, naming them. ``branch_parallel=True`` in the config splits each
+    step's passes over the ranks of the default torch.distributed group (every rank calls the pipeline alike).
+    A copy of a wrapped pipeline (``copy.copy``, ``copy.deepcopy``, pickling) is wrapped with the same config.
+    A transformer shared by several pipelines serves each as it is wrapped or not.
     """
     config = S2Config() if config is None else config
     if not isinstance(config, (S2Config, SGGConfig)):
         raise TypeError(f"s2fast.wrap expects an S2Config or an SGGConfig, got {type(config).__name__}")
+    if config.branch_parallel:
+        if _predictor is not None:
+            raise ValueError("branch_parallel=True brings its own predictor; it cannot be combined with another")
+        reason = branch_parallel.refusal(config)
+        if reason:
+            raise ValueError(reason)
+        _predictor = branch_parallel.predict
     adapter = adapter_for(pipe)
     controller = Controller(adapter, config, **({"predictor": _predictor} if _predictor else {}),
                             graph_backend=_graph_backend)

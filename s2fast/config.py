@@ -34,11 +34,12 @@ class EngineSettings:
     cuda_graphs: Union[str, bool] = "auto"
     attention: str = "default"
     compile_blocks: Optional[str] = None
+    branch_parallel: bool = False
 
     def _check_engine(self) -> None:
         """Validate the engine fields (ValueError naming ``<Config>.<field>``); numpy bools become bools."""
         owner = type(self).__name__
-        for name in ("batch_branches", "reuse_prefix"):
+        for name in ("batch_branches", "reuse_prefix", "branch_parallel"):
             value = getattr(self, name)
             if not (isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))):
                 raise ValueError(f"{owner}.{name} must be a bool, got {value!r}")
@@ -157,6 +158,18 @@ class S2Config(EngineSettings):
             serves every mask (a compiled whole model would recompile per skip list). ``None`` (default) compiles
             nothing. Off by default because inductor's fusions change results in the last bits. unwrap restores
             the blocks; blocks the user compiled already are left as they are.
+        branch_parallel: split each step's passes (uncond U, cond C, the sub-network S) over the ranks of the
+            default ``torch.distributed`` process group, for the latency of one sample: every rank runs the same
+            pipeline call (launch with ``torchrun`` or ``accelerate launch``, initialise the group before
+            ``s2fast.wrap``), computes its share, all-gathers the predictions and steps identically, so every rank
+            ends with the same output. 3 ranks run U ‖ C ‖ S (critical path L block-rows per step, the latency of
+            2-GPU CFG-parallel); 2 ranks split U's blocks so both run (3L − k − d)/2 (k: the first dropped block,
+            d: blocks dropped), against 3L − k − d in one process (s2fast/branch_parallel.py). Results are those of
+            ``batch_branches=False`` in one process. ``reuse_prefix`` sends C's state at the fork to the rank that
+            runs S (else S recomputes its prefix there). A config without ``seed`` draws its masks from rank 0's
+            seed. ``False`` (default) runs in one process. Refused at wrap (ValueError) without an initialised
+            group, with other than 2 or 3 ranks, with ``num_masks > 1``, ``cuda_graphs=True`` or ``attention=
+            "fastest"``; the modular guiders do not take it.
     """
 
     omega: float = 0.25

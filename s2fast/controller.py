@@ -444,7 +444,10 @@ class Controller:
                 refuse_incompatible_hooks(pipe, name, model, since_wrap=True)
             n = len(timesteps)
             seed = getattr(self.config, "seed", None)
-            seed = seed if seed is not None else mask_sampling.fresh_seed()
+            if seed is None:
+                seed = mask_sampling.fresh_seed()
+                if self.config.branch_parallel:  # every rank must draw the same masks: rank 0's seed
+                    seed = distributed.shared_seed(None, lambda: seed, torch.distributed.group.WORLD)
             run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, n))
             self.share_seed(run, [model for _, model in self.denoiser_models(pipe)])
             for _, model in self.denoiser_models(pipe)[:1]:

@@ -51,7 +51,8 @@ class SGGConfig(EngineSettings):
         cfg_delta: the linear schedule's half range for λ (finite). Ignored by ``"constant"``.
         skip_schedule: ``"constant"`` or ``"linear"``, as cfg_schedule, for s_i across skip_window.
         skip_delta: the linear schedule's half range for s (finite).
-        batch_branches, reuse_prefix, fork_mode, fused_step, step_mode, cuda_graphs, attention, compile_blocks:
+        batch_branches, reuse_prefix, fork_mode, fused_step, step_mode, cuda_graphs, attention, compile_blocks,
+        branch_parallel:
             how the engine runs the rows, exactly as in :class:`s2fast.S2Config` (same defaults, same meaning).
     """
 

@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one prompt per line (blank lines skipped); resumable: prompts whose outputs exist are "
                           "skipped")
     gen.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    gen.add_argument("--parallel", choices=("data", "branch"), default="data",
+                     help="under torchrun / accelerate launch: 'data' (default) splits the prompts between the "
+                          "processes; 'branch' runs every prompt on 2 or 3 processes together, each computing a share "
+                          "of every step's passes (S2Config.branch_parallel), and the main process writes the files")
 
     bench = sub.add_parser("bench", help="time stock CFG, s2fast CFG, naive S² and s2fast S² on MODEL",
                            description="Time stock CFG, s2fast CFG, naive three-pass S² and s2fast S² on MODEL in "

@@ -69,6 +69,9 @@ def _slug(prompt: str) -> str:
 def run(args) -> None:
     prompts = read_prompts(args)
     processes = Processes(args.device)
+    if args.parallel == "branch" and processes.count not in (2, 3):
+        raise UserError(f"--parallel branch shares every step between 2 or 3 processes (torchrun --nproc_per_node 2 "
+                        f"or 3); this run has {processes.count}")
     device = resolve_device(processes.device(args.device))
     dtype = resolve_dtype(args.dtype, device)
     with processes.main_first():
@@ -89,7 +92,7 @@ def run(args) -> None:
         raise UserError(f"cannot create --out {args.out}: {e.strerror or e}") from None
     pending = [job for job in jobs if not _done(args.out, job, settings)]
     processes.barrier()  # every process has listed what is done before any writes
-    mine = processes.split(pending)
+    mine = pending if args.parallel == "branch" else processes.split(pending)
     if processes.is_main and len(pending) < len(jobs):
         print(f"s2fast: {len(jobs) - len(pending)} of {len(jobs)} prompts already done in {args.out}; skipping them")
 
@@ -161,12 +164,16 @@ def method_pipelines(pipe, methods: List[str], args) -> Dict:
 
 def _generate(pipes: Dict, family, args, job: Job, methods: List[str], settings: Dict, device, processes) -> None:
     files = job.files(methods, args.compare)
-    for name in [*files.values(), f"{job.stem}.json"]:  # leftovers of an earlier attempt that did not finish
+    writes = args.parallel != "branch" or processes.is_main  # branch: every process computes, the main one writes
+    leftovers = [*files.values(), f"{job.stem}.json"] if writes else []  # of an earlier attempt that did not finish
+    for name in leftovers:
         _remove(os.path.join(args.out, name))
     kwargs = family.call_kwargs(pipes[methods[-1]], args, job.prompt)
     runs = sample_methods(pipes, methods, args, kwargs, job.seed, device,
                           where=f"prompt {job.index} ({job.stem}); earlier outputs are kept")
     images = {m: run.output.images[0] for m, run in runs.items()}
+    if not writes:
+        return
     for method in methods:
         _save_png(images[method], os.path.join(args.out, files[method]))
     if args.compare:

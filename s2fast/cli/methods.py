@@ -35,7 +35,7 @@ def s2_config(args):
     """The S2Config the options ask for (ω and the mask seed; everything else at its default)."""
     from s2fast import S2Config
 
-    return S2Config(omega=args.omega, drop_ratio=args.drop_ratio, seed=args.seed)
+    return S2Config(omega=args.omega, drop_ratio=args.drop_ratio, seed=args.seed, branch_parallel=_branch(args))
 
 
 def _sgg(pipe, args) -> None:
@@ -49,7 +49,12 @@ def sgg_config(args):
     first half of the steps, skip-layer guidance on the second)."""
     from s2fast import SGGConfig
 
-    return SGGConfig(skip_blocks=args.skip_blocks, skip_scale=args.skip_scale)
+    return SGGConfig(skip_blocks=args.skip_blocks, skip_scale=args.skip_scale, branch_parallel=_branch(args))
+
+
+def _branch(args) -> bool:
+    """``generate --parallel branch``: the processes share every step (the bench command has no such option)."""
+    return getattr(args, "parallel", "data") == "branch"
 
 
 METHODS: Dict[str, Method] = {

@@ -75,6 +75,9 @@ class _EngineGuidance(BaseGuidance):
         if config.compile_blocks is not None:
             raise ValueError(f"s2fast.{name}: compile_blocks is not supported by the guiders (it would leave compiled "
                              "blocks on the transformer after the call); use it with s2fast.wrap")
+        if config.branch_parallel:
+            raise ValueError(f"s2fast.{name}: branch_parallel is not supported by the guiders (the modular loop asks "
+                             "for its batches one by one); use it with s2fast.wrap")
         super().__init__(start, stop, enabled)
         self.guidance_scale = float(guidance_scale)
         self.s2fast_config = config
