@@ -315,7 +315,7 @@ class Controller:
             part = request.guided_part or (lambda p: p)
             d = request.finish(d, part(predictions[request.cond_branch]))
         run.trace[step] = guidance.subnets
-        run.denoisers[step] = next((name for name, m in self.denoiser_models(pipe) if m is model), None)
+        run.denoisers[step] = self.adapter.denoiser_called(pipe, call_locals, model)
         run.steps_served += 1
         run.follow_up = _FollowUp(step, d, request.follow_ups) if request.follow_ups else None
         return request.respond(d, predictions)
