@@ -91,8 +91,9 @@ class S2Config(EngineSettings):
             ``start ≤ i/n < stop``; the other steps run plain CFG. The paper's ablation finds the central
             ``(0.1, 0.9)`` as good as ``(0.0, 1.0)`` (the default).
         sigma_interval: ``(low, high)``, where S² applies counted in noise levels instead of steps: step ``i`` uses
-            S² when ``low ≤ σ_i ≤ high``, σ_i being the scheduler's ``sigmas[i]`` (the noise level the step starts
-            from), read at each call after the pipeline has set its timesteps. ``None`` (default) leaves the choice
+            S² when ``low ≤ σ_i ≤ high``, σ_i being the scheduler's sigma of the step the loop runs as its i-th (the
+            noise level the step starts from; with ``strength`` the loop runs the last part of the schedule), read
+            at each call after the pipeline has set its timesteps. ``None`` (default) leaves the choice
             to ``interval``. For flow-matching schedulers, whose σ runs from 1 (noise) to 0 (data), the paper's
             "central 80 % of noise levels" is ``(0.1, 0.9)``. A scheduler without ``sigmas`` (DDIM, DDPM) is
             refused at the call with a ValueError. Cannot be combined with ``masks`` or a non-default ``interval``;

@@ -383,7 +383,7 @@ class Controller:
             n = len(timesteps)
             seed = getattr(self.config, "seed", None)
             seed = seed if seed is not None else mask_sampling.fresh_seed()
-            run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, n))
+            run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, timesteps))
             for _, model in self.denoiser_models(pipe)[:1]:
                 run.guidance(self.config, 0, self.state(model).num_blocks)
             self._run = run
@@ -403,20 +403,37 @@ class Controller:
         return {k: sum(s[k] for s in stats) for k in stats[0]}
 
 
-def call_sigmas(config, pipe, num_steps: int) -> Optional[List[float]]:
+def call_sigmas(config, pipe, timesteps) -> Optional[List[float]]:
     """The noise level each step of this call starts from, when the config places S² by noise level: the
-    scheduler's ``sigmas`` as set_timesteps left them for this call. ValueError for a scheduler without sigmas."""
+    scheduler's ``sigmas`` as set_timesteps left them for this call, from the first step the loop runs. A loop
+    with ``strength`` (image-to-image, inpainting, video-to-video) runs the last ``len(timesteps)`` steps of the
+    scheduler's schedule, so its step i starts from ``sigmas[len(scheduler.timesteps) − len(timesteps) + i]``.
+    ValueError for a scheduler without sigmas, or a loop whose timesteps are not the end of the scheduler's."""
     if getattr(config, "sigma_interval", None) is None:
         return None
+    num_steps = len(timesteps)
     scheduler = getattr(pipe, "scheduler", None)
     sigmas = getattr(scheduler, "sigmas", None)
-    if sigmas is None or len(sigmas) < num_steps:
+    full = getattr(scheduler, "timesteps", None)
+    start = len(full) - num_steps if full is not None and len(full) >= num_steps else 0
+    if sigmas is None or len(sigmas) < start + num_steps:
         raise ValueError(
             f"S2Config.sigma_interval places S² by noise level, but the pipeline's scheduler "
             f"({type(scheduler).__name__}) has no sigmas for the {num_steps} steps of this call; use interval "
             "(fractions of the steps) with this scheduler"
         )
-    return [float(s) for s in sigmas[:num_steps]]
+    if start and not _same_steps(full[start:], timesteps):
+        raise ValueError(
+            f"S2Config.sigma_interval: the loop's {num_steps} timesteps are not the last {num_steps} of its "
+            f"scheduler's {len(full)}, so their noise levels cannot be read from the scheduler's sigmas; use "
+            "interval (fractions of the steps) with this pipeline"
+        )
+    return [float(s) for s in sigmas[start:start + num_steps]]
+
+
+def _same_steps(scheduled, timesteps) -> bool:
+    loop = torch.as_tensor(timesteps).detach().to("cpu", scheduled.dtype)
+    return loop.shape == scheduled.shape and bool(torch.equal(loop, scheduled.detach().cpu()))
 
 
 def _call_inputs(signature: inspect.Signature, model, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
