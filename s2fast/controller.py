@@ -74,6 +74,12 @@ class _Run:
     fused_decided: bool = False                        # at the call's first step, when the prediction's shape is known
     steps_served: int = 0
     sigmas: Optional[List[float]] = None               # the scheduler's noise levels, read when S² needs them
+    # Whether the call's plan differs from stock CFG at some step (a sub-network; SGG: a step without CFG or a
+    # scheduled λ). A call whose plan does not is stock's: served by the engine (batched branches) where nothing
+    # s2fast refuses is present (stock_forward False), by the stock forward where something is (True); None until
+    # its first transformer call.
+    guided: bool = True
+    stock_forward: Optional[bool] = None
 
     def guidance(self, config, step: int, num_blocks: int) -> StepGuidance:
         """This step's plan for a denoiser of ``num_blocks`` blocks (experts may differ in block count)."""
@@ -222,7 +228,7 @@ class Controller:
         mode = run.memo.get(memo)
         if mode is None:
             subnets = plan.warmup_subnets(c, state.num_blocks)  # fork as early as any step can: the modes differ most
-            if not c.batch_branches or not subnets or self.predictor is not predict:
+            if not c.batch_branches or not subnets or not run.guided or self.predictor is not predict:
                 mode = "separate"  # no step of this call forks, nothing to join, or a predictor without modes
             else:
                 def trial(m):
@@ -295,8 +301,11 @@ class Controller:
         state = self.state(model)
         call_locals = PipelineLocals(frame_locals, self.adapter, pipe)
         inputs = _call_inputs(state.signature, model, args, kwargs)
-        self.adapter.check_call(call_locals, inputs)
         run = self._run_for(pipe, call_locals)
+        if run.guided:
+            self.adapter.check_call(call_locals, inputs)
+        elif self._stock_call(run, call_locals, inputs):
+            return self._stock_forward(pipe, model, run, call_locals, args, kwargs)
         step = self.adapter.step_index(call_locals, run.steps_served)
         # The calls of one step come in the loop's order: after the first, the ones it announced are served.
         follow_up = run.follow_up
@@ -319,6 +328,26 @@ class Controller:
         run.steps_served += 1
         run.follow_up = _FollowUp(step, d, request.follow_ups) if request.follow_ups else None
         return request.respond(d, predictions)
+
+    def _stock_call(self, run: _Run, call_locals: PipelineLocals, inputs: Dict[str, Any]) -> bool:
+        """Whether this call, which needs no sub-network at any step, runs the stock forward: where something s2fast
+        refuses is present (a hook found at the call's start, or an input check_call refuses, decided at its first
+        transformer call). Otherwise the engine serves it, batching the branches a two-call loop makes separately
+        (the same function, to batch rounding)."""
+        if run.stock_forward is None:
+            try:
+                self.adapter.check_call(call_locals, inputs)
+                run.stock_forward = False
+            except ValueError:
+                run.stock_forward = True
+        return run.stock_forward
+
+    def _stock_forward(self, pipe, model, run: _Run, call_locals: PipelineLocals, args: tuple, kwargs: Dict[str, Any]):
+        step = self.adapter.step_index(call_locals, run.steps_served)
+        if 0 <= step < run.steps:
+            run.denoisers[step] = self.adapter.denoiser_called(pipe, call_locals, model)
+        run.steps_served += 1  # counts calls here; only adapters with one call a step (DiT) index steps by it
+        return type(model).forward(model, *args, **kwargs)
 
     def _guided(self, pipe, model, state: _Denoiser, run: _Run, call_locals: PipelineLocals, request: StepRequest,
                 guidance: StepGuidance):
@@ -375,17 +404,27 @@ class Controller:
     def _run_for(self, pipe, call_locals: PipelineLocals) -> _Run:
         timesteps = self.adapter.call_schedule(pipe, call_locals)
         if self._run is None or self._run.timesteps is not timesteps:
-            # A new pipeline call: set_timesteps made a new tensor. Hooks added since wrap are checked, and the
-            # masks of the first denoiser drawn, before the first step runs: a schedule error (explicit masks of
-            # the wrong length) is raised before anything is computed.
-            for name, model in self.denoiser_models(pipe):
-                refuse_incompatible_hooks(pipe, name, model, since_wrap=True)
+            # A new pipeline call: set_timesteps made a new tensor. The plan of every denoiser is made before the
+            # first step runs, so a schedule error (explicit masks of the wrong length, a model with nothing to
+            # drop) is raised before anything is computed, and whether any step needs a sub-network is known. A
+            # call whose every step is plain CFG (no sub-network) is stock's: nothing is refused (_stock_call).
+            # Otherwise hooks added since wrap (or present at wrap, where the config left the need to the call)
+            # are refused.
             n = len(timesteps)
             seed = getattr(self.config, "seed", None)
             seed = seed if seed is not None else mask_sampling.fresh_seed()
             run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, timesteps))
-            for _, model in self.denoiser_models(pipe)[:1]:
+            models = self.denoiser_models(pipe)
+            for _, model in models:
                 run.guidance(self.config, 0, self.state(model).num_blocks)
+            run.guided = any(step.subnets or not step.uncond or step.guidance_offset != 0
+                             for steps in run.schedules.values() for step in steps)
+            if run.guided:
+                since_wrap = bool(self.config.subnets_needed())
+                for name, model in models:
+                    refuse_incompatible_hooks(pipe, name, model, since_wrap=since_wrap)
+            elif any(binding.incompatible_hooks(model) for _, model in models):
+                run.stock_forward = True
             self._run = run
         return self._run
 
@@ -463,8 +502,9 @@ def refuse_incompatible_hooks(pipe, name: str, model, since_wrap: bool = False) 
 def check_attachable(adapter, config: S2Config, pipe, name: str, model, graph_backend=None) -> None:
     """Every check wrap makes on one denoiser, before anything changes (ValueError naming the problem)."""
     check_model(adapter, pipe, name, model)
-    config.check_blocks(adapter.num_blocks(model))
-    refuse_incompatible_hooks(pipe, name, model)
+    if config.subnets_needed():  # otherwise per call, for the calls that need a sub-network (Controller._run_for)
+        config.check_blocks(adapter.num_blocks(model))
+        refuse_incompatible_hooks(pipe, name, model)
     if binding.find(model) is None and binding.base_slot(model) is None:
         raise ValueError(binding.unknown_forward_message(model))
     if config.cuda_graphs is True and graph_backend is None:

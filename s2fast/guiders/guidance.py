@@ -237,7 +237,8 @@ class _EngineGuidance(BaseGuidance):
         if controller is None:
             controller = Controller(adapter_class(), self.s2fast_config, graph_backend=self._graph_backend)
             self._controllers[adapter_class] = controller
-        self.s2fast_config.check_blocks(controller.adapter.num_blocks(model))
+        if self._sub_prediction in self._names:  # a step without a sub-network runs any model
+            self.s2fast_config.check_blocks(controller.adapter.num_blocks(model))
         controller.adapter.check_denoiser(model)
         found = binding.incompatible_hooks(model)
         if found:
