@@ -502,8 +502,10 @@ def refuse_incompatible_hooks(pipe, name: str, model, since_wrap: bool = False) 
 def check_attachable(adapter, config: S2Config, pipe, name: str, model, graph_backend=None) -> None:
     """Every check wrap makes on one denoiser, before anything changes (ValueError naming the problem)."""
     check_model(adapter, pipe, name, model)
-    if config.subnets_needed():  # otherwise per call, for the calls that need a sub-network (Controller._run_for)
+    needed = config.subnets_needed()
+    if needed is not False:  # the config names blocks this model lacks: wrong for every call that uses them
         config.check_blocks(adapter.num_blocks(model))
+    if needed:  # otherwise per call, for the calls that need a sub-network (Controller._run_for)
         refuse_incompatible_hooks(pipe, name, model)
     if binding.find(model) is None and binding.base_slot(model) is None:
         raise ValueError(binding.unknown_forward_message(model))
