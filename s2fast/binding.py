@@ -144,9 +144,27 @@ def find(model) -> Optional[ModelForward]:
     return None
 
 
+def restore(model, holder, name: str, previous) -> None:
+    """Put ``previous`` (None: nothing, the class's forward) back in a slot of ``model``'s chain."""
+    if previous is None and not isinstance(holder, dict):
+        previous = types.MethodType(type(model).forward, model)  # a hook's slot must hold a callable
+    _set(holder, name, previous)
+
+
+def drop_expired(model) -> None:
+    """Take out a one-call forward whose caller has ended without calling (a modular guider's, whose loop failed
+    between ``prepare_models`` and the call: s2fast/guiders/hook.py); it would never answer again."""
+    for holder, name in list(_slots(model)):
+        value = _get(holder, name)
+        expired = getattr(value, "s2fast_expired", None)
+        if expired is not None and expired():
+            restore(model, holder, name, value.previous)
+
+
 def base_slot(model) -> Optional[Tuple[Any, str]]:
     """Where the model's own forward sits in its chain (the slot a ModelForward takes), or None when the chain ends
     in something s2fast does not know."""
+    drop_expired(model)
     top = model.__dict__.get("forward")
     if top is None or _own_forward(model, top):
         return model.__dict__, "forward"
@@ -176,10 +194,7 @@ def remove(model) -> bool:
     for holder, name in _slots(model):
         value = _get(holder, name)
         if isinstance(value, ModelForward):
-            previous = value.previous
-            if previous is None and not isinstance(holder, dict):
-                previous = types.MethodType(type(model).forward, model)  # a hook's slot must hold a callable
-            _set(holder, name, previous)
+            restore(model, holder, name, value.previous)
             return True
     return False
 

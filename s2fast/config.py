@@ -92,8 +92,9 @@ class S2Config(EngineSettings):
             ``start ≤ i/n < stop``; the other steps run plain CFG. The paper's ablation finds the central
             ``(0.1, 0.9)`` as good as ``(0.0, 1.0)`` (the default).
         sigma_interval: ``(low, high)``, where S² applies counted in noise levels instead of steps: step ``i`` uses
-            S² when ``low ≤ σ_i ≤ high``, σ_i being the scheduler's ``sigmas[i]`` (the noise level the step starts
-            from), read at each call after the pipeline has set its timesteps. ``None`` (default) leaves the choice
+            S² when ``low ≤ σ_i ≤ high``, σ_i being the scheduler's sigma of the step the loop runs as its i-th (the
+            noise level the step starts from; with ``strength`` the loop runs the last part of the schedule), read
+            at each call after the pipeline has set its timesteps. ``None`` (default) leaves the choice
             to ``interval``. For flow-matching schedulers, whose σ runs from 1 (noise) to 0 (data), the paper's
             "central 80 % of noise levels" is ``(0.1, 0.9)``. A scheduler without ``sigmas`` (DDIM, DDPM) is
             refused at the call with a ValueError. Cannot be combined with ``masks`` or a non-default ``interval``;
@@ -231,14 +232,32 @@ class S2Config(EngineSettings):
             return None
         return tuple(() if not m else ((m,) if self.num_masks == 1 else m) for m in self.masks)
 
+    def subnets_needed(self) -> Optional[bool]:
+        """Whether a pipeline call under this config computes a sub-network: True for every call (ω > 0 from the
+        first step, or explicit masks with a non-empty step), False for none (ω = 0, or masks all ()), None where it
+        depends on the call (an interval that starts after step 0, a sigma_interval: the scheduler decides).
+        s2fast.wrap checks the model against the config, and refuses what S² cannot run under, only where this is
+        True; where it is None the same checks run per call, for calls that need a sub-network."""
+        if self.omega == 0:
+            return False
+        if self.masks is not None:
+            return any(self.masks)
+        if self.sigma_interval is not None or self.interval[0] > 0:
+            return None
+        return True
+
     def check_blocks(self, num_blocks: int) -> None:
-        """Validate the block indices against a model with ``num_blocks`` blocks (called by wrap)."""
+        """Validate the block indices against a model with ``num_blocks`` blocks (called by wrap). A sub-network
+        keeps at least one block, sampled or explicit (s2fast.masks.num_dropped), so a model where every block is
+        protected, or that has a single block, has nothing a mask may drop."""
         for b in self.protected_blocks:
             if b >= num_blocks:
                 raise ValueError(f"S2Config.protected_blocks names block {b}, but the model has {num_blocks} blocks")
-        if len(set(self.protected_blocks)) >= num_blocks:
+        if len(set(self.protected_blocks)) >= num_blocks or num_blocks < 2:
             raise ValueError(
-                f"S2Config.protected_blocks {self.protected_blocks} covers all {num_blocks} blocks: nothing can be dropped"
+                f"S2Config.protected_blocks {self.protected_blocks} leaves nothing to drop on a model of {num_blocks} "
+                "block(s) (a sub-network keeps at least one block and never drops a protected one); S² with ω > 0 "
+                "needs a model with a droppable block (ω = 0 runs any model as stock)"
             )
         for i, step in enumerate(self.step_masks() or ()):
             for mask in step:

@@ -76,6 +76,12 @@ class _Run:
     fused_decided: bool = False                        # at the call's first step, when the prediction's shape is known
     steps_served: int = 0
     sigmas: Optional[List[float]] = None               # the scheduler's noise levels, read when S² needs them
+    # Whether the call's plan differs from stock CFG at some step (a sub-network; SGG: a step without CFG or a
+    # scheduled λ). A call whose plan does not is stock's: served by the engine (batched branches) where nothing
+    # s2fast refuses is present (stock_forward False), by the stock forward where something is (True); None until
+    # its first transformer call.
+    guided: bool = True
+    stock_forward: Optional[bool] = None
 
     def guidance(self, config, step: int, num_blocks: int, fixed_blocks: Tuple[int, ...] = ()) -> StepGuidance:
         """This step's plan for a denoiser of ``num_blocks`` blocks (experts may differ in block count);
@@ -233,7 +239,7 @@ class Controller:
         if mode is None:
             cp = self.context_parallel(run, model)
             subnets = plan.warmup_subnets(self._plan_config(cp), state.num_blocks)  # fork as early as any step can
-            if not c.batch_branches or not subnets or self.predictor is not predict:
+            if not c.batch_branches or not subnets or not run.guided or self.predictor is not predict:
                 mode = "separate"  # no step of this call forks, nothing to join, or a predictor without modes
             else:
                 def trial(m):
@@ -321,8 +327,11 @@ class Controller:
         state = self.state(model)
         call_locals = PipelineLocals(frame_locals, self.adapter, pipe)
         inputs = _call_inputs(state.signature, model, args, kwargs)
-        self.adapter.check_call(call_locals, inputs)
         run = self._run_for(pipe, call_locals)
+        if run.guided:
+            self.adapter.check_call(call_locals, inputs)
+        elif self._stock_call(run, call_locals, inputs):
+            return self._stock_forward(pipe, model, run, call_locals, args, kwargs)
         step = self.adapter.step_index(call_locals, run.steps_served)
         # The calls of one step come in the loop's order: after the first, the ones it announced are served.
         follow_up = run.follow_up
@@ -341,10 +350,30 @@ class Controller:
             part = request.guided_part or (lambda p: p)
             d = request.finish(d, part(predictions[request.cond_branch]))
         run.trace[step] = guidance.subnets
-        run.denoisers[step] = next((name for name, m in self.denoiser_models(pipe) if m is model), None)
+        run.denoisers[step] = self.adapter.denoiser_called(pipe, call_locals, model)
         run.steps_served += 1
         run.follow_up = _FollowUp(step, d, request.follow_ups) if request.follow_ups else None
         return request.respond(d, predictions)
+
+    def _stock_call(self, run: _Run, call_locals: PipelineLocals, inputs: Dict[str, Any]) -> bool:
+        """Whether this call, which needs no sub-network at any step, runs the stock forward: where something s2fast
+        refuses is present (a hook found at the call's start, or an input check_call refuses, decided at its first
+        transformer call). Otherwise the engine serves it, batching the branches a two-call loop makes separately
+        (the same function, to batch rounding)."""
+        if run.stock_forward is None:
+            try:
+                self.adapter.check_call(call_locals, inputs)
+                run.stock_forward = False
+            except ValueError:
+                run.stock_forward = True
+        return run.stock_forward
+
+    def _stock_forward(self, pipe, model, run: _Run, call_locals: PipelineLocals, args: tuple, kwargs: Dict[str, Any]):
+        step = self.adapter.step_index(call_locals, run.steps_served)
+        if 0 <= step < run.steps:
+            run.denoisers[step] = self.adapter.denoiser_called(pipe, call_locals, model)
+        run.steps_served += 1  # counts calls here; only adapters with one call a step (DiT) index steps by it
+        return type(model).forward(model, *args, **kwargs)
 
     def _guided(self, pipe, model, state: _Denoiser, run: _Run, call_locals: PipelineLocals, request: StepRequest,
                 guidance: StepGuidance):
@@ -437,21 +466,31 @@ class Controller:
     def _run_for(self, pipe, call_locals: PipelineLocals) -> _Run:
         timesteps = self.adapter.call_schedule(pipe, call_locals)
         if self._run is None or self._run.timesteps is not timesteps:
-            # A new pipeline call: set_timesteps made a new tensor. Hooks added since wrap are checked, and the
-            # masks of the first denoiser drawn, before the first step runs: a schedule error (explicit masks of
-            # the wrong length) is raised before anything is computed.
-            for name, model in self.denoiser_models(pipe):
-                refuse_incompatible_hooks(pipe, name, model, since_wrap=True)
+            # A new pipeline call: set_timesteps made a new tensor. The plan of every denoiser is made before the
+            # first step runs, so a schedule error (explicit masks of the wrong length, a model with nothing to
+            # drop) is raised before anything is computed, and whether any step needs a sub-network is known. A
+            # call whose every step is plain CFG (no sub-network) is stock's: nothing is refused (_stock_call).
+            # Otherwise hooks added since wrap (or present at wrap, where the config left the need to the call)
+            # are refused.
             n = len(timesteps)
             seed = getattr(self.config, "seed", None)
             if seed is None:
                 seed = mask_sampling.fresh_seed()
                 if self.config.branch_parallel:  # every rank must draw the same masks: rank 0's seed
                     seed = distributed.shared_seed(None, lambda: seed, torch.distributed.group.WORLD)
-            run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, n))
-            self.share_seed(run, [model for _, model in self.denoiser_models(pipe)])
-            for _, model in self.denoiser_models(pipe)[:1]:
+            run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, timesteps))
+            models = self.denoiser_models(pipe)
+            self.share_seed(run, [model for _, model in models])  # under context parallelism: rank 0's seed
+            for _, model in models:
                 run.guidance(self.config, 0, self.state(model).num_blocks, self.fixed_blocks(run, model))
+            run.guided = any(step.subnets or not step.uncond or step.guidance_offset != 0
+                             for steps in run.schedules.values() for step in steps)
+            if run.guided:
+                since_wrap = bool(self.config.subnets_needed())
+                for name, model in models:
+                    refuse_incompatible_hooks(pipe, name, model, since_wrap=since_wrap)
+            elif any(binding.incompatible_hooks(model) for _, model in models):
+                run.stock_forward = True
             self._run = run
         return self._run
 
@@ -469,20 +508,37 @@ class Controller:
         return {k: sum(s[k] for s in stats) for k in stats[0]}
 
 
-def call_sigmas(config, pipe, num_steps: int) -> Optional[List[float]]:
+def call_sigmas(config, pipe, timesteps) -> Optional[List[float]]:
     """The noise level each step of this call starts from, when the config places S² by noise level: the
-    scheduler's ``sigmas`` as set_timesteps left them for this call. ValueError for a scheduler without sigmas."""
+    scheduler's ``sigmas`` as set_timesteps left them for this call, from the first step the loop runs. A loop
+    with ``strength`` (image-to-image, inpainting, video-to-video) runs the last ``len(timesteps)`` steps of the
+    scheduler's schedule, so its step i starts from ``sigmas[len(scheduler.timesteps) − len(timesteps) + i]``.
+    ValueError for a scheduler without sigmas, or a loop whose timesteps are not the end of the scheduler's."""
     if getattr(config, "sigma_interval", None) is None:
         return None
+    num_steps = len(timesteps)
     scheduler = getattr(pipe, "scheduler", None)
     sigmas = getattr(scheduler, "sigmas", None)
-    if sigmas is None or len(sigmas) < num_steps:
+    full = getattr(scheduler, "timesteps", None)
+    start = len(full) - num_steps if full is not None and len(full) >= num_steps else 0
+    if sigmas is None or len(sigmas) < start + num_steps:
         raise ValueError(
             f"S2Config.sigma_interval places S² by noise level, but the pipeline's scheduler "
             f"({type(scheduler).__name__}) has no sigmas for the {num_steps} steps of this call; use interval "
             "(fractions of the steps) with this scheduler"
         )
-    return [float(s) for s in sigmas[:num_steps]]
+    if start and not _same_steps(full[start:], timesteps):
+        raise ValueError(
+            f"S2Config.sigma_interval: the loop's {num_steps} timesteps are not the last {num_steps} of its "
+            f"scheduler's {len(full)}, so their noise levels cannot be read from the scheduler's sigmas; use "
+            "interval (fractions of the steps) with this pipeline"
+        )
+    return [float(s) for s in sigmas[start:start + num_steps]]
+
+
+def _same_steps(scheduled, timesteps) -> bool:
+    loop = torch.as_tensor(timesteps).detach().to("cpu", scheduled.dtype)
+    return loop.shape == scheduled.shape and bool(torch.equal(loop, scheduled.detach().cpu()))
 
 
 def _call_inputs(signature: inspect.Signature, model, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -519,8 +575,11 @@ def refuse_under_context_parallel(cp, config, model, num_blocks: int) -> None:
 def check_attachable(adapter, config: S2Config, pipe, name: str, model, graph_backend=None) -> None:
     """Every check wrap makes on one denoiser, before anything changes (ValueError naming the problem)."""
     check_model(adapter, pipe, name, model)
-    config.check_blocks(adapter.num_blocks(model))
-    refuse_incompatible_hooks(pipe, name, model)
+    needed = config.subnets_needed()
+    if needed is not False:  # the config names blocks this model lacks: wrong for every call that uses them
+        config.check_blocks(adapter.num_blocks(model))
+    if needed:  # otherwise per call, for the calls that need a sub-network (Controller._run_for)
+        refuse_incompatible_hooks(pipe, name, model)
     cp = context_parallel.find(adapter, model) if binding.has_hooks(model) else None
     if cp is not None:
         refuse_under_context_parallel(cp, config, model, adapter.num_blocks(model))

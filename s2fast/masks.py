@@ -65,7 +65,7 @@ def schedule(cfg: S2Config, num_steps: int, num_blocks: int, seed: Optional[int]
     if explicit is not None:
         if len(explicit) != num_steps:
             raise ValueError(f"S2Config.masks has {len(explicit)} entries, but this call runs {num_steps} denoising steps")
-        return list(explicit)
+        return list(explicit)  # checked against the model where it is known (wrap, the guider's first batch)
     if cfg.sigma_interval is not None:
         if sigmas is None or len(sigmas) < num_steps:
             raise ValueError(f"S2Config.sigma_interval needs the noise level of each of the {num_steps} steps; got "
@@ -73,6 +73,8 @@ def schedule(cfg: S2Config, num_steps: int, num_blocks: int, seed: Optional[int]
         active = [in_sigma_interval(float(sigmas[i]), cfg.sigma_interval) for i in range(num_steps)]
     else:
         active = [in_interval(i, num_steps, cfg.interval) for i in range(num_steps)]
+    if any(active):  # checked here too, for configs whose need of a sub-network depends on the call
+        cfg.check_blocks(num_blocks)
     if seed is None:
         seed = cfg.seed if cfg.seed is not None else fresh_seed()
     return [sample_step(seed, i, cfg, num_blocks) if active[i] else () for i in range(num_steps)]

@@ -54,8 +54,10 @@ def warmup_subnets(config, num_blocks: int) -> Tuple[Mask, ...]:
     explicit = config.step_masks()
     if config.omega == 0 or (explicit is not None and not any(explicit)):
         return ()
-    p = min(b for b in range(num_blocks) if b not in config.protected_blocks)
-    return ((p,),) * config.num_masks
+    droppable = [b for b in range(num_blocks) if b not in config.protected_blocks]
+    if not droppable or num_blocks < 2:  # a model with nothing to drop: no call of it runs a sub-network
+        return ()
+    return ((droppable[0],),) * config.num_masks
 
 
 def warmup_predictions(config, num_blocks: int, fork_mode: Optional[str] = None) -> Tuple[Tuple[Mask, ...], ...]:

@@ -109,7 +109,18 @@ class SGGConfig(EngineSettings):
             subnets = (self.skip_blocks,) if scale != 0 else ()
             plan.append(StepGuidance(subnets, uncond=cfg, guidance_offset=cfg_offsets[i] if cfg else 0.0,
                                      omega=scale))
+        if any(step.subnets for step in plan):  # checked here too, for calls whose skip window holds no step at wrap
+            self.check_blocks(num_blocks)
         return plan
+
+    def subnets_needed(self) -> Optional[bool]:
+        """Whether a pipeline call computes the skip pass: True for every call (a non-zero skip scale at step 0),
+        False for none (a zero scale throughout), None where it depends on the call's step count (as
+        S2Config.subnets_needed)."""
+        if not self.warmup_subnets(len(self.skip_blocks) + 1):
+            return False
+        first = self.skip_scale + (self.skip_delta if self.skip_schedule == "linear" else 0.0)
+        return True if self.skip_window[0] == 0 and first != 0 else None
 
     def warmup_subnets(self, num_blocks: int) -> Tuple[Tuple[int, ...], ...]:
         """The sub-networks of a graph warm-up: the skip pass itself (every step forks it at the same block)."""

@@ -658,3 +658,77 @@ def test_after_a_removed_diffusers_hook():
     torch.testing.assert_close(out, stock, **TOL)
     assert case.model.__dict__.get("forward") is before and not hook.installed(case.model)
     assert binding.incompatible_hooks(case.model) == []
+
+
+def test_a_call_that_fails_before_the_forward_leaves_the_transformer_stock():
+    """A forward pre-hook that raises at the cond batch's call (the guider's forward never runs) must not leave
+    the guider's one-call forward answering later calls: a stock ClassifierFreeGuidance run (prompts of another
+    length too) and a direct transformer call are then stock, bit for bit."""
+    case = Case(ROWS["sd3"])
+    model = case.model
+    stock = case(ClassifierFreeGuidance(guidance_scale=LAM))
+    x = case.latents.clone()
+    direct = _sd3_forward(model, x, torch.tensor([500.0]), case.emb, True)
+
+    def refuse(*args):
+        raise RuntimeError("a pre-hook refuses the call")
+
+    handle = model.register_forward_pre_hook(refuse)
+    try:
+        with pytest.raises(RuntimeError, match="a pre-hook refuses"):
+            case(_s2())
+    finally:
+        handle.remove()
+    assert torch.equal(_sd3_forward(model, x, torch.tensor([500.0]), case.emb, True), direct)
+    _clean(model)  # the direct call found the failed loop's forward and took it out
+    assert torch.equal(case(ClassifierFreeGuidance(guidance_scale=LAM)), stock)
+    with pytest.raises(RuntimeError, match="a pre-hook refuses"):  # again, now answered by the stock run
+        handle = model.register_forward_pre_hook(refuse)
+        try:
+            case(_s2())
+        finally:
+            handle.remove()
+    assert torch.equal(case(ClassifierFreeGuidance(guidance_scale=LAM)), stock)
+    _clean(model)
+    with pytest.raises(RuntimeError, match="a pre-hook refuses"):  # and once more, then s2fast.wrap accepts the model
+        handle = model.register_forward_pre_hook(refuse)
+        try:
+            case(_s2())
+        finally:
+            handle.remove()
+    s2fast.wrap(case.classic, s2fast.S2Config(omega=0.5, seed=0))
+    s2fast.unwrap(case.classic)
+    _clean(model)
+    with pytest.raises(RuntimeError, match="a pre-hook refuses"):
+        handle = model.register_forward_pre_hook(refuse)
+        try:
+            case(_s2())
+        finally:
+            handle.remove()
+    shorter = {k: (v[:, :3] if k.endswith("prompt_embeds") and "pooled" not in k else v) for k, v in case.emb.items()}
+    case.pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=LAM))
+    case.pipe(**shorter, latents=case.latents.clone(), num_inference_steps=STEPS, output="latents")
+
+
+def test_an_error_in_the_loop_before_the_call_leaves_nothing_that_answers():
+    """An exception between prepare_models and the transformer call (here: raised by the guider's own
+    prepare_models caller before it calls the model) leaves a one-call forward that never answers another
+    caller: the next direct call runs stock and takes it out."""
+    case = Case(ROWS["sd3"])
+    model = case.model
+    x = case.latents.clone()
+    direct = _sd3_forward(model, x, torch.tensor([500.0]), case.emb, True)
+    guider = _s2()
+    guider.set_state(step=0, num_inference_steps=STEPS, timestep=torch.tensor(1000.0))
+    guider.prepare_inputs({"hidden_states": (x, x),
+                           "encoder_hidden_states": (case.emb["prompt_embeds"], case.emb["negative_prompt_embeds"]),
+                           "text_embeds": (case.emb["pooled_prompt_embeds"], case.emb["negative_pooled_prompt_embeds"])})
+
+    def loop_that_fails():
+        guider.prepare_models(model)
+        raise KeyError("the loop fails before its transformer call")
+
+    with pytest.raises(KeyError):
+        loop_that_fails()
+    assert torch.equal(_sd3_forward(model, x, torch.tensor([500.0]), case.emb, True), direct)
+    _clean(model)

@@ -3,6 +3,7 @@
 import collections
 
 import pytest
+import torch
 
 from s2fast import S2Config
 from s2fast.masks import in_interval, num_dropped, sample_step, schedule
@@ -86,3 +87,73 @@ def test_sampled_masks_satisfy_the_config_for_any_model(num_blocks, data):
     again = S2Config(protected_blocks=tuple(protected), num_masks=num_masks, masks=(public, ()))
     again.check_blocks(num_blocks)
     assert again.masks == (public, ())
+
+
+# --- what a mask may drop: sampling and replay agree -----------------------------------------------------------
+def _sd3_blocks(num_layers):
+    import s2_reference
+    from conftest import Family
+
+    from s2fast import tiny
+
+    shape = tiny.SD3Shape(num_layers=num_layers)
+    pipe = tiny.sd3_pipeline(shape, with_vae=False)
+    return Family("sd3", pipe, shape, tiny.embeddings(shape), tiny.image_size(pipe, shape), "guidance_scale",
+                  s2_reference.sd3_three_pass, num_layers)
+
+
+def test_a_one_block_model_runs_stock_at_omega_zero_and_refuses_s2_naming_protected_blocks():
+    """The 1-block SD3 model of diffusers' own pipeline tests: ω = 0 (and configs that never need a sub-network)
+    is stock, bit for bit (SD3's one [uncond, cond] call, as stock batches it); ω > 0 is refused at wrap naming
+    protected_blocks, with the default protection and without any (a sub-network keeps at least one block)."""
+    import s2fast
+
+    one = _sd3_blocks(1)
+    stock = one()
+    for config in (S2Config(omega=0.0), S2Config(omega=0.5, masks=((),) * 4),
+                   s2fast.SGGConfig(cfg_window=(0.0, 1.0), skip_blocks=(0,), skip_scale=0.0)):
+        s2fast.wrap(one.pipe, config)
+        torch.testing.assert_close(one(), stock, atol=0, rtol=0)
+    s2fast.unwrap(one.pipe)
+    for protected in ((0,), ()):
+        with pytest.raises(ValueError, match="protected_blocks .* leaves nothing to drop on a model of 1 block"):
+            s2fast.wrap(one.pipe, S2Config(omega=0.5, protected_blocks=protected))
+        assert s2fast.config_of(one.pipe) is None
+    # also where the config leaves the need of a sub-network to the call (a sigma_interval)
+    with pytest.raises(ValueError, match="protected_blocks"):
+        s2fast.wrap(one.pipe, S2Config(omega=0.5, protected_blocks=(), sigma_interval=(0.0, 1.0)))
+    with pytest.raises(ValueError, match="leaves nothing to drop"):  # and replaying a mask that drops it
+        s2fast.wrap(one.pipe, S2Config(omega=0.5, protected_blocks=(), masks=((0,),) * 4))
+    s2fast.unwrap(one.pipe)
+    two = _sd3_blocks(2)
+    with pytest.raises(ValueError, match="drops every block"):  # what sampling never draws: both blocks
+        s2fast.wrap(two.pipe, S2Config(omega=0.5, protected_blocks=(), masks=((0, 1),) * 4))
+
+
+@pytest.mark.parametrize("num_blocks, protected", [(2, ()), (2, (0,)), (3, ()), (3, (0, 1))])
+def test_every_sampled_trace_replays(num_blocks, protected):
+    """What sampling draws, replay accepts, and replaying it gives the same output, bit for bit."""
+    import s2fast
+
+    small = _sd3_blocks(num_blocks)
+    s2fast.wrap(small.pipe, S2Config(omega=0.5, seed=2, drop_ratio=0.9, protected_blocks=protected))
+    sampled = small()
+    trace = s2fast.trace(small.pipe)
+    assert all(0 < len(m) < num_blocks and not set(m) & set(protected) for m in trace)
+    s2fast.wrap(small.pipe, S2Config(omega=0.5, protected_blocks=protected, masks=trace))
+    torch.testing.assert_close(small(), sampled, atol=0, rtol=0)
+    s2fast.unwrap(small.pipe)
+
+
+def test_skip_guidance_layers_run_stock_where_no_step_needs_a_subnetwork(sd3):
+    """SD3's own skip-layer guidance is refused where S² runs; at ω = 0 the call is stock's: the stock forward
+    serves every call (the pipeline's skip pass included), bit for bit."""
+    import s2fast
+
+    stock = sd3(skip_guidance_layers=[2])
+    s2fast.wrap(sd3.pipe, S2Config(omega=0.0))
+    torch.testing.assert_close(sd3(skip_guidance_layers=[2]), stock, atol=0, rtol=0)
+    s2fast.wrap(sd3.pipe, S2Config(omega=0.5, seed=1))
+    with pytest.raises(ValueError, match="skip_guidance_layers"):
+        sd3(skip_guidance_layers=[2])
+    s2fast.unwrap(sd3.pipe)

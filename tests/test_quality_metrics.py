@@ -81,7 +81,7 @@ def test_frechet_from_samples_separates_same_from_shifted():
     assert shifted == pytest.approx(4.0 + same, abs=0.1)  # |(1, 1, 1, 1)|² = 4
 
 
-# --- the premise test of S² on the toys (s2fast/quality/toy_alignment.py) ---------------------------------------
+# --- the premise test of S² on the toys (evaluation/s2fast_eval/quality/toy_alignment.py) ---------------------------------------
 def test_exact_velocity_transports_noise_to_each_class():
     """Euler-integrating the closed-form velocity from σ = 1 to 0 turns N(0, I) into N(μ_c, s² I): the known answer
     of the flow. 400 steps keep the discretisation error far below the sampling error (about 0.03 here)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import s2fast
-from s2fast import S2Config
+from s2fast import S2Config, tiny
 from s2fast.digits.model import build_scheduler, build_transformer
 from s2fast.digits.pipeline import DigitsFlowPipeline
 from s2fast.masks import in_sigma_interval, sample_step, schedule
@@ -129,4 +129,53 @@ def test_a_scheduler_without_sigmas_is_refused_before_any_step(pipe):
             run(pipe)
     finally:
         pipe.scheduler = own
+        s2fast.unwrap(pipe)
+
+
+# --- strength: the loop runs the last part of the schedule ------------------------------------------------------
+def _strength_case(name):
+    """(pipe, call kwargs, σ of a transformer call's timestep) for a pipeline whose loop runs the last ``strength``
+    part of an 8-step schedule (4 steps)."""
+    if name.startswith("sd3") or name.startswith("flux"):
+        family, kind = name.split("-")
+        shape = tiny.SD3Shape() if family == "sd3" else tiny.FluxShape()
+        pipe = tiny.sd3_sibling_pipeline(kind, shape) if family == "sd3" else tiny.flux_sibling_pipeline(kind, shape)
+        images = tiny.sibling_images(pipe, shape)
+        kw = dict(tiny.embeddings(shape), **tiny.image_size(pipe, shape), image=images["image"],
+                  num_inference_steps=8, strength=0.5, output_type="latent")
+        if kind == "inpaint":
+            kw["mask_image"] = images["mask_image"]
+        if family == "flux":
+            kw["true_cfg_scale"] = 4.0
+            return pipe, kw, lambda t: float(t[0])  # Flux passes timestep / 1000
+        kw["guidance_scale"] = 4.0
+        return pipe, kw, lambda t: float(t[0]) / 1000
+    shape = tiny.WanShape()
+    pipe = tiny.wan_pipeline(shape, video_to_video=True, scheduler="euler", seed=9)
+    size = tiny.wan_video_size(pipe, shape)
+    latents = torch.randn(1, 16, shape.latent_frames, shape.latent_size, shape.latent_size,
+                          generator=torch.Generator().manual_seed(0))
+    kw = dict(tiny.wan_embeddings(shape), height=size["height"], width=size["width"], num_inference_steps=8,
+              strength=0.5, guidance_scale=4.0, output_type="latent", latents=latents)
+    return pipe, kw, lambda t: float(t[0]) / 1000
+
+
+@pytest.mark.parametrize("name", ["sd3-img2img", "sd3-inpaint", "flux-img2img", "wan-v2v"])
+def test_sigma_interval_reads_the_noise_levels_the_loop_runs(name):
+    """With strength 0.5 the loop runs the last 4 of 8 steps: S² is placed by the σ of those steps (read here from
+    the timestep each transformer call receives), not by the full schedule's first four."""
+    pipe, kw, sigma_of = _strength_case(name)
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(sigma_of(kwargs["timestep"])), with_kwargs=True)
+    try:
+        pipe(**kw)  # stock: the σ of each step the loop runs (the first of each step's calls)
+        sigmas = sorted(set(seen), reverse=True)
+        assert len(sigmas) == 4
+        high = (sigmas[1] + sigmas[2]) / 2  # S² at the last two steps the loop runs
+        s2fast.wrap(pipe, S2Config(omega=0.5, seed=0, sigma_interval=(0.0, high)))
+        pipe(**kw)
+        assert [bool(m) for m in s2fast.trace(pipe)] == [False, False, True, True]
+    finally:
+        handle.remove()
         s2fast.unwrap(pipe)

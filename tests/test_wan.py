@@ -159,6 +159,19 @@ def test_experts_of_different_block_counts_draw_masks_for_their_own_blocks():
     s2fast.unwrap(pipe)
 
 
+def test_one_model_as_both_experts_is_named_as_the_loop_called_it():
+    """transformer and transformer_2 holding the same model: trace_denoisers names the attribute the loop picked
+    (the expert switch at the boundary), not the first attribute holding the model."""
+    pipe = tiny.wan_pipeline(SHAPE, experts=2, boundary_ratio=0.85, seed=1)
+    pipe.transformer_2 = pipe.transformer
+    case = Case(pipe, SHAPE, guidance_scale_2=2.5)
+    s2fast.wrap(pipe, S2Config(omega=0.5, masks=MASKS))
+    case()
+    assert s2fast.trace_denoisers(pipe) == ("transformer",) * 2 + ("transformer_2",) * 2
+    assert s2fast.trace(pipe) == MASKS
+    s2fast.unwrap(pipe)
+
+
 def test_the_low_noise_expert_alone_is_served():
     pipe = tiny.wan_pipeline(SHAPE, experts=2, boundary_ratio=1.0, seed=7)  # every t < 1000: transformer_2
     pipe.transformer = None

@@ -174,6 +174,12 @@ class FamilyAdapter(ModelAdapter):
         """This step's index; ``steps_so_far`` counts the steps of this call already served."""
         return int(call_locals["i"])
 
+    def denoiser_called(self, pipe, call_locals: PipelineLocals, model) -> Optional[str]:
+        """The pipeline attribute through which the loop called ``model`` (what ``s2fast.trace_denoisers`` names). An
+        adapter whose loop picks among attributes that may hold one model (Wan 2.2's experts) reads the loop's
+        choice from its locals."""
+        return next((name for name in self.denoisers if getattr(pipe, name, None) is model), None)
+
     def loop_sample(self, call_locals: PipelineLocals) -> Tuple[torch.Tensor, Any]:
         """(x_t, t) as the loop will pass them to ``scheduler.step``: what the fused step computes x_{t−1} from."""
         return call_locals["latents"], call_locals["t"]

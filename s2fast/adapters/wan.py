@@ -34,6 +34,7 @@ class WanAdapter(FamilyAdapter):
     batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
     attention_kwargs_key = "attention_kwargs"
     pipeline_locals = ("i", "t", "timesteps", "latents", "negative_prompt_embeds", "current_guidance_scale")
+    optional_locals = ("boundary_timestep",)  # Wan 2.2's expert switch; read only when one model is both experts
     guidance_local = "current_guidance_scale"  # the loop's λ for this step (the expert's own scale)
     family = "wan"
     cfg_style = "cond then uncond call, both served D; two experts switch by step, each with its own λ"
@@ -86,6 +87,14 @@ class WanAdapter(FamilyAdapter):
         return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
     # --- pipeline ---------------------------------------------------------------------------------------------
+    def denoiser_called(self, pipe, call_locals, model):
+        names = [name for name in self.denoisers if getattr(pipe, name, None) is model]
+        if len(names) < 2:
+            return names[0] if names else None
+        # one model as both experts: the loop's own switch (transformer while t ≥ boundary_timestep, else transformer_2)
+        boundary = call_locals.get("boundary_timestep")
+        return "transformer" if boundary is None or call_locals["t"] >= boundary else "transformer_2"
+
     def check_call(self, call_locals, inputs):
         kwargs = inputs.get(self.attention_kwargs_key) or {}
         if "ip_adapter_image_embeds" in kwargs:
@@ -112,5 +121,6 @@ class WanVideoToVideoAdapter(WanAdapter):
 
     denoisers = ("transformer",)
     pipeline_locals = ("i", "t", "timesteps", "latents", "negative_prompt_embeds", "guidance_scale")
+    optional_locals = ()
     guidance_local = "guidance_scale"
     cfg_style = "cond then uncond call, both served D, over the strength-shortened schedule"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import fields
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -144,7 +145,14 @@ class _EngineGuidance(BaseGuidance):
 
             def serve(model, args, kwargs):
                 return self._serve(name, args, kwargs)
-        hook.install(denoiser, serve)
+        hook.install(denoiser, serve, self._loop_frame())
+
+    def _loop_frame(self):
+        """The frame that called prepare_models (past this guider's own frames, a subclass's included)."""
+        frame = sys._getframe(2)
+        while frame is not None and frame.f_locals.get("self") is self:
+            frame = frame.f_back
+        return frame
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
         hook.remove(denoiser)
@@ -229,7 +237,8 @@ class _EngineGuidance(BaseGuidance):
         if controller is None:
             controller = Controller(adapter_class(), self.s2fast_config, graph_backend=self._graph_backend)
             self._controllers[adapter_class] = controller
-        self.s2fast_config.check_blocks(controller.adapter.num_blocks(model))
+        if self._sub_prediction in self._names:  # a step without a sub-network runs any model
+            self.s2fast_config.check_blocks(controller.adapter.num_blocks(model))
         controller.adapter.check_denoiser(model)
         found = binding.incompatible_hooks(model)
         if found:
