@@ -483,3 +483,94 @@ def test_method_sgg_defaults_on_digits_and_an_s2_record_carries_no_sgg_settings(
     assert cli("generate", "digits", "--prompt", "4", "--steps", "2", "--out", tmp_path / "s2") == 0
     settings = run_json(tmp_path / "s2")["settings"]
     assert "skip_blocks" not in settings and "skip_scale" not in settings
+
+
+# --- writing --out: every failure one line, nothing finished lost ----------------------------------------------
+
+
+READ_ONLY = PermissionError(13, "Permission denied")
+
+
+def _refuse_writes_under(monkeypatch, folder, error=READ_ONLY, when=lambda path: True):
+    """Writes under ``folder`` fail with ``error`` where ``when(path)``, as on a read-only folder (root ignores the
+    permission bits, so the test stands in for the file system at the calls the command makes)."""
+    import builtins
+
+    folder, real_open = str(folder), builtins.open
+    refused = lambda path: str(path).startswith(folder) and when(str(path))  # noqa: E731
+
+    def open_(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and refused(file):
+            raise type(error)(error.errno, error.strerror, str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def path_call(real):
+        def call(path, *args, **kwargs):
+            if refused(path):
+                raise type(error)(error.errno, error.strerror, str(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(builtins, "open", open_)
+    for name in ("unlink", "link", "replace", "rmdir"):
+        monkeypatch.setattr(os, name, path_call(getattr(os, name)))
+
+
+def test_read_only_out_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    _refuse_writes_under(monkeypatch, out)
+    assert cli("generate", "digits", "--prompt", "3", "--steps", "2", "--out", out) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"cannot write in --out {out}: Permission denied" in line
+    assert list(out.iterdir()) == []
+
+
+def test_a_failed_write_mid_batch_is_one_line_and_keeps_what_finished(tmp_path, capsys, monkeypatch):
+    # the disk fills at prompt 1's picture: prompt 0 stays, with its record, and run.json lists it; the error
+    # handler's own writes failing too must not add a second message
+    import errno
+
+    prompts, out = tmp_path / "p.txt", tmp_path / "out"
+    prompts.write_text("1\n2\n")
+    _refuse_writes_under(monkeypatch, out, OSError(errno.ENOSPC, "No space left on device"),
+                         when=lambda path: "00001-2" in path)
+    assert cli("generate", "digits", "--prompts", prompts, "--steps", "2", "--out", out) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "cannot write" in line and "00001-2" in line and "No space left on device" in line
+    assert (out / "00000-1.png").exists() and (out / "00000-1.json").exists()
+    assert run_json(out)["finished"] == 1
+    monkeypatch.undo()
+    # and when run.json itself cannot be written either, the first failure is still the one line shown
+    _refuse_writes_under(monkeypatch, out, OSError(errno.ENOSPC, "No space left on device"),
+                         when=lambda path: "00001-2" in path or "run.json" in path)
+    assert cli("generate", "digits", "--prompts", prompts, "--steps", "2", "--out", out) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "00001-2" in line and (out / "00000-1.png").exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    prompts, out = tmp_path / "p.txt", tmp_path / "out"
+    prompts.write_bytes("\ufeff3\n5\n".encode("utf-8"))  # as Windows editors save UTF-8
+    assert cli("generate", "digits", "--prompts", prompts, "--steps", "2", "--out", out) == 0
+    assert [r["prompt"] for r in run_json(out)["images"]] == ["3", "5"]
+    assert (out / "00000-3.png").exists()
+
+
+def test_another_run_writing_the_same_out_is_named_as_such(tmp_path, capsys, monkeypatch):
+    # a second run writes prompt 0's picture while this one samples it: this run refuses to overwrite, and says
+    # that another run (not another process of this one) wrote it
+    from s2fast.digits import DigitsFlowPipeline
+
+    out, original = tmp_path / "out", DigitsFlowPipeline.__call__
+
+    @functools.wraps(original)
+    def meanwhile_another_run_writes(self, *args, **kwargs):
+        (out / "00000-4.png").write_bytes(b"the other run's picture")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DigitsFlowPipeline, "__call__", meanwhile_another_run_writes)
+    assert cli("generate", "digits", "--prompt", "4", "--steps", "2", "--out", out) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "another s2fast run is writing to the same --out" in line and "another process of this run" not in line
+    assert (out / "00000-4.png").read_bytes() == b"the other run's picture"

@@ -29,8 +29,8 @@ from s2fast.engine import block_rows
 from s2fast.reference import wrap_three_pass
 from s2fast.timing import InterleavedRounds, block_share, step_floor, timing_warning
 
-from .errors import UserError
 from . import media
+from .errors import UserError
 from .families import family_named
 from .methods import s2_config, sgg_config, skip_blocks
 from .models import inspect_model, load_pipeline, resolve_device, resolve_dtype, sibling

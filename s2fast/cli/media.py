@@ -20,12 +20,14 @@ GAP = 4               # pixels between the pictures
 MIN_SIDE = 128        # a side-by-side upscales smaller pictures (28×28 digits) by a whole factor to at least this
 STILL_FRAMES = 5      # frames in a video's still: evenly spaced, the first and the last included
 MACRO_BLOCK = 16      # export_to_video's default: sizes not divisible by it are rescaled by ffmpeg; pad instead
-VIDEO_EXTRA = "the video output needs imageio and imageio-ffmpeg: pip install s2fast[video]"
+VIDEO_EXTRA = "video needs imageio, imageio-ffmpeg and ftfy: pip install s2fast[video]"
 
 
 def require_video_extra() -> None:
-    """UserError naming the extra when imageio or its ffmpeg binary is missing."""
+    """UserError naming the extra when imageio, its ffmpeg binary or ftfy (which Wan image-to-video calls on every
+    prompt without checking it is installed) is missing."""
     try:
+        import ftfy  # noqa: F401
         import imageio  # noqa: F401
         import imageio_ffmpeg
 
@@ -157,14 +159,19 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-def mp4_bytes(frames: Sequence, fps: int, scratch: str) -> bytes:
-    """The MP4 of ``frames`` (diffusers' export_to_video, its default quality), encoded through the file
-    ``scratch`` (ffmpeg writes to a path), which is removed."""
+def export_frames(frames: Sequence, path: str, fps: int) -> None:
+    """``frames`` (PIL images) as an MP4 at ``path``: diffusers' export_to_video at its default quality."""
     from diffusers.utils import export_to_video
 
     require_video_extra()
+    export_to_video(list(frames), path, fps=fps)
+
+
+def mp4_bytes(frames: Sequence, fps: int, scratch: str) -> bytes:
+    """The MP4 of ``frames`` (``export_frames``), encoded through the file ``scratch`` (ffmpeg writes to a path),
+    which is removed."""
     try:
-        export_to_video(list(frames), scratch, fps=fps)
+        export_frames(frames, scratch, fps)
         with open(scratch, "rb") as f:
             return f.read()
     except OSError as e:
