@@ -35,7 +35,7 @@ def folders(tmp_path_factory):
     return {
         "sd3-img2img": cli_models.save_as(sd3, "StableDiffusion3Img2ImgPipeline", str(root / "sd3-img2img")),
         "sd3-inpaint": cli_models.save_as(sd3, "StableDiffusion3InpaintPipeline", str(root / "sd3-inpaint")),
-        "kontext": cli_models.save_as(flux, "FluxKontextPipeline", str(root / "kontext")),
+        "flux-img2img": cli_models.save_as(flux, "FluxImg2ImgPipeline", str(root / "flux-img2img")),
         "wan21": cli_models.save_wan(str(root / "wan21")),
         "wan22": cli_models.save_wan(str(root / "wan22"), experts=2, boundary_ratio=0.5),
         "i2v": cli_models.save_wan(str(root / "i2v"), image_to_video=True),
@@ -151,7 +151,7 @@ def test_wan_video_to_video_takes_a_video(tmp_path, folders, inputs):
 
 @pytest.mark.parametrize("name, extra", [("sd3-img2img", ["--strength", "0.7"]),
                                          ("sd3-inpaint", ["--mask", "{mask}", "--strength", "0.9"]),
-                                         ("kontext", [])])
+                                         ("flux-img2img", ["--strength", "0.7"])])
 def test_image_input_pipelines_equal_wrap(tmp_path, folders, inputs, name, extra):
     out = tmp_path / "out"
     extra = [a.format(mask=inputs["mask"]) for a in extra]
@@ -159,8 +159,8 @@ def test_image_input_pipelines_equal_wrap(tmp_path, folders, inputs, name, extra
                "--guidance", "4", "--height", "32", "--width", "32", "--out", out) == 0
     record = run_json(out)["images"][0]
     call = dict(image=Image.open(inputs["image"]).convert("RGB"), height=32, width=32)
-    if name == "kontext":  # true CFG with an empty negative prompt, as the command calls Flux
-        call.update(true_cfg_scale=4.0, negative_prompt="")
+    if name.startswith("flux"):  # true CFG with an empty negative prompt, as the command calls Flux
+        call.update(true_cfg_scale=4.0, negative_prompt="", strength=0.7)
     else:
         call.update(guidance_scale=4.0, strength=0.7 if name == "sd3-img2img" else 0.9)
     if name == "sd3-inpaint":
