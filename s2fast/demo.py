@@ -31,8 +31,8 @@ from s2fast import S2Config
 # answers without loading torch.
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m s2fast.demo", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None, prog: str = "python -m s2fast.demo") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale λ (default 4)")
     p.add_argument("--omega", type=float, default=0.25, help="S² scale ω (default 0.25, the paper's)")
     p.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
@@ -180,8 +180,8 @@ def format_report(args, r) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def main(argv=None, prog: str = "python -m s2fast.demo") -> None:
+    args = parse_args(argv, prog)
     import torch
 
     torch.set_grad_enabled(False)

@@ -99,3 +99,31 @@ def save_flux(path: str) -> str:
                           text_encoder=_clip_encoder(CLIPTextModel, len(tok), shape.pooled_dim, shape.pooled_dim))
     pipe.save_pretrained(path)
     return path
+
+
+def save_as(source: str, class_name: str, path: str) -> str:
+    """The pipeline saved at ``source`` loaded as ``class_name`` (a sibling over the same components: SD3
+    image-to-image or inpainting, Flux Kontext) and saved at ``path``."""
+    import diffusers
+
+    getattr(diffusers, class_name).from_pretrained(source).save_pretrained(path)
+    return path
+
+
+def _umt5_encoder(d_model: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(3)
+    return UMT5EncoderModel(UMT5Config(vocab_size=len(t5_tokenizer()), d_model=d_model, d_kv=8, d_ff=32, num_layers=1,
+                                       num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                       pad_token_id=0, eos_token_id=1)).eval()
+
+
+def save_wan(path: str, **kwargs) -> str:
+    """A tiny Wan pipeline (tiny.wan_pipeline's keywords: experts=2 for Wan 2.2's two experts, image_to_video,
+    video_to_video) with a UMT5 text encoder (d_model = the transformer's text_dim) and the T5 tokenizer."""
+    shape = tiny.WanShape(num_layers=2, image_dim=16 if kwargs.get("image_to_video") else None)
+    pipe = tiny.wan_pipeline(shape, **kwargs)
+    pipe.register_modules(tokenizer=t5_tokenizer(), text_encoder=_umt5_encoder(shape.text_dim))
+    pipe.save_pretrained(path)
+    return path

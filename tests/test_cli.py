@@ -17,7 +17,7 @@ from PIL import Image
 
 import s2fast
 from s2fast import S2Config
-from s2fast.cli import main
+from s2fast.cli import main, media
 from s2fast.cli.methods import METHODS
 
 BIN = Path(sys.executable).parent
@@ -118,9 +118,13 @@ def test_compare_samples_cfg_and_the_method_from_the_same_noise(tmp_path):
     record = run_json(out)["images"][0]
     assert set(record["files"]) == {"cfg", "s2", "compare"} and record["runs"]["cfg"]["trace"] is None
     cfg, s2, both = (png(out / record["files"][k]) for k in ("cfg", "s2", "compare"))
-    assert both.shape[1] == cfg.shape[1] + 4 + s2.shape[1]
-    np.testing.assert_array_equal(both[:, :cfg.shape[1]], cfg)
-    np.testing.assert_array_equal(both[:, -s2.shape[1]:], s2)
+    # 28×28 digits upscaled 5× (nearest) to at least 128 px, under a label band, 4 px apart
+    k, top = 5, media.LABEL_HEIGHT
+    assert both.shape == (top + 28 * k, 2 * 28 * k + media.GAP, 3)
+    big = lambda a: a.repeat(k, 0).repeat(k, 1)  # noqa: E731
+    np.testing.assert_array_equal(both[top:, :28 * k], big(cfg))
+    np.testing.assert_array_equal(both[top:, -28 * k:], big(s2))
+    assert (both[:top] < 128).any()  # the labels are drawn (dark text on white)
     from s2fast.digits import load_default_pipeline
 
     pipe = load_default_pipeline()  # stock CFG from seed 0: the left image
@@ -213,10 +217,10 @@ def test_text_pipelines_generate_from_their_own_tokenizers(tmp_path, folders, na
 # --- errors a user can cause: one line, non-zero exit, no traceback ----------------------------------------------
 
 
-def _pipeline_folder(tmp_path, name, class_name):
+def _pipeline_folder(tmp_path, name, class_name, **index):
     path = tmp_path / name
     path.mkdir()
-    (path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    (path / "model_index.json").write_text(json.dumps({"_class_name": class_name, **index}))
     return path
 
 
@@ -228,8 +232,18 @@ def _unsupported_folder(tmp_path):
     ("missing folder", ["./no/such/model", "--prompt", "x"], "no model folder"),
     ("not a pipeline", ["{tmp}", "--prompt", "x"], "no model_index.json"),
     ("unsupported", ["{unsupported}", "--prompt", "x"], "does not support"),
-    # supported by wrap, not by the command: refused from model_index.json alone, before any weights would load
-    ("not the command's", ["{kontext}", "--prompt", "x"], "does not know how to call"),
+    # known from model_index.json alone: these folders hold no weights, so a check after loading would read
+    # "cannot load" instead
+    ("image-to-image without an image", ["{img2img}", "--prompt", "x"], "needs an input image"),
+    ("inpainting without a mask", ["{inpaint}", "--prompt", "x", "--image", "{png}"], "needs a mask"),
+    ("an image for text-to-image", ["{sd3}", "--prompt", "x", "--image", "{png}"], "takes no image"),
+    ("two images for one", ["{img2img}", "--prompt", "x", "--image", "{png}", "--image", "{png}"], "takes 1 input"),
+    ("strength for text-to-image", ["{sd3}", "--prompt", "x", "--strength", "0.5"], "takes no strength"),
+    ("frames on an image model", ["{sd3}", "--prompt", "x", "--frames", "5"], "makes images, not videos"),
+    ("second λ on one expert", ["{wan21}", "--prompt", "x", "--guidance-2", "3"], "has one expert"),
+    ("video-to-video without a video", ["{v2v}", "--prompt", "x"], "needs an input video"),
+    ("missing image file", ["{img2img}", "--prompt", "x", "--image", "{tmp}/none.png"], "no such file"),
+    ("not an image", ["{img2img}", "--prompt", "x", "--image", "{empty}"], "not an image"),
     ("digit out of range", ["digits", "--prompt", "12"], "outside 0..9"),
     ("digit by name", ["digits", "--prompt", "seven"], "class id"),
     ("negative prompt on digits", ["digits", "--prompt", "1", "--negative-prompt", "x"], "--negative-prompt"),
@@ -241,8 +255,13 @@ def _unsupported_folder(tmp_path):
 ])
 def test_user_errors_end_with_one_line(tmp_path, capsys, case, argv, words):
     (tmp_path / "empty.txt").write_text("\n\n")
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
     subs = dict(tmp=tmp_path, unsupported=_unsupported_folder(tmp_path), empty=tmp_path / "empty.txt",
-                kontext=_pipeline_folder(tmp_path, "kontext", "FluxKontextPipeline"))
+                png=tmp_path / "in.png", sd3=_pipeline_folder(tmp_path, "sd3", "StableDiffusion3Pipeline"),
+                img2img=_pipeline_folder(tmp_path, "img2img", "StableDiffusion3Img2ImgPipeline"),
+                inpaint=_pipeline_folder(tmp_path, "inpaint", "StableDiffusion3InpaintPipeline"),
+                wan21=_pipeline_folder(tmp_path, "wan21", "WanPipeline", transformer_2=[None, None]),
+                v2v=_pipeline_folder(tmp_path, "v2v", "WanVideoToVideoPipeline"))
     argv = [a.format(**subs) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
@@ -270,8 +289,23 @@ def test_unknown_hub_model_offline_is_one_line(tmp_path):
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 1, r.stderr
     (line,) = error_lines(r.stderr)
-    assert "cannot load 'nobody/no-such-model' from the hub or its cache" in line
+    assert "cannot load 'nobody/no-such-model': it is not in the local cache, and HF_HUB_OFFLINE is set" in line
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.safetensors"))
+
+
+def test_unknown_hub_model_with_the_hub_unreachable_says_so(tmp_path, monkeypatch, capsys):
+    # Online mode with a hub endpoint nothing answers (a closed local port): huggingface_hub would retry for half
+    # a minute, then blame a missing model_index.json; the command says what is wrong, in one line.
+    import huggingface_hub.constants as hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert cli("generate", "nobody/no-such-model", "--prompt", "x", "--out", tmp_path / "out") == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "it is not in the local cache, and the hub cannot be reached" in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def test_out_of_memory_keeps_the_finished_part_of_a_batch(tmp_path, capsys, monkeypatch):
@@ -332,7 +366,7 @@ def test_bench_table_has_every_case(tmp_path, capsys):
     result_file = tmp_path / "bench.json"
     assert cli("bench", "digits", "--steps", "3", "--rounds", "2", "--json", result_file) == 0
     out = capsys.readouterr().out
-    cases = ["stock CFG", "s2fast CFG", "naive three-pass S²", "s2fast S²"]
+    cases = ["stock CFG", "s2fast CFG", "naive three-pass S²", "s2fast S²", "s2fast SGG"]
     table = [line for line in out.splitlines() if any(line.startswith(c) for c in cases)]
     assert [line.split("  ")[0] for line in table] == cases
     result = json.loads(result_file.read_text())
@@ -346,6 +380,7 @@ def test_bench_table_has_every_case(tmp_path, capsys):
     assert "2 rounds only" in rows["s2fast S²"]["warning"] and "!! s2fast S²" in out
     assert rows["s2fast S²"]["peak_memory_mib"] is None  # CPU: no allocator statistics
     assert result["s2_difference"] < 1e-5 < result["s2_effect"]
+    assert "columns: ms/step = the case's median step" in out  # says what each column is
 
 
 def test_bench_times_sgg_where_its_blocks_exist(capsys):
@@ -357,8 +392,20 @@ def test_bench_times_sgg_where_its_blocks_exist(capsys):
 
     args = type("Args", (), {"skip_blocks": (2, 3), "skip_scale": 3.0, "steps": 4})()
     assert sgg_floor(args, 6) == pytest.approx(40 / 48)
-    assert cli("bench", "digits", "--steps", "3", "--rounds", "1") == 0  # 7,8,9: no such blocks, no SGG row
-    assert "s2fast SGG" not in capsys.readouterr().out
+    # SD3-medium's 7,8,9 on the 6-block model: no such blocks, no SGG row, and the table says why
+    assert cli("bench", "digits", "--steps", "3", "--rounds", "1", "--skip-blocks", "7,8,9") == 0
+    out = capsys.readouterr().out
+    assert not [line for line in out.splitlines() if line.startswith("s2fast SGG")]
+    assert "s2fast SGG not timed: --skip-blocks 7,8,9 names blocks the model's 6" in out
+
+
+def test_sgg_default_skip_blocks_follow_the_depth():
+    from s2fast.cli.methods import default_skip_blocks
+
+    # SD3-medium's own set at its depth; the same position and share elsewhere, never block 0, at least one block
+    assert default_skip_blocks(24) == (7, 8, 9)
+    assert default_skip_blocks(6) == (2,) and default_skip_blocks(4) == (1,) and default_skip_blocks(38) == (11, 12, 13, 14, 15)
+    assert all(0 < min(default_skip_blocks(d)) and max(default_skip_blocks(d)) < d for d in range(2, 80))
 
 
 def test_bench_refuses_too_few_steps(capsys):
@@ -368,9 +415,11 @@ def test_bench_refuses_too_few_steps(capsys):
 
 
 def test_demo_subcommand_is_the_demo(capsys):
-    # routed to the demo's own parser (the demo itself runs in test_digits_embedded.py)
+    # routed to the demo's own parser (the demo itself runs in test_digits_embedded.py), under its own name
     assert cli("demo", "--steps", "1") == 2
     assert "--steps must be at least 2" in capsys.readouterr().err
+    assert cli("demo", "--help") == 0
+    assert capsys.readouterr().out.startswith("usage: s2fast demo")
 
 
 def test_bench_on_a_pipeline_without_step_callbacks(tmp_path, folders, capsys):
@@ -419,7 +468,109 @@ def test_method_sgg_matches_the_library(tmp_path):
 
 
 def test_method_sgg_with_blocks_the_model_lacks_is_one_line(tmp_path, capsys):
-    # the default skip blocks 7,8,9 are SD3-medium's; the digits DiT has 6 blocks
-    assert cli("generate", "digits", "--prompt", "4", "--steps", "2", "--method", "sgg", "--out", tmp_path) == 1
+    # 7,8,9 are SD3-medium's; the digits DiT has 6 blocks. The folder the run created is not left behind empty.
+    out = tmp_path / "out"
+    assert cli("generate", "digits", "--prompt", "4", "--steps", "2", "--method", "sgg", "--skip-blocks", "7,8,9",
+               "--out", out) == 1
     (line,) = error_lines(capsys.readouterr().err)
     assert "--method sgg" in line and "skip_blocks" in line
+    assert not out.exists()
+
+
+def test_method_sgg_defaults_on_digits_and_an_s2_record_carries_no_sgg_settings(tmp_path):
+    assert cli("generate", "digits", "--prompt", "4", "--steps", "4", "--method", "sgg", "--out", tmp_path / "sgg") == 0
+    assert run_json(tmp_path / "sgg")["settings"]["skip_blocks"] == [2]  # 7,8,9 of 24 scaled to 6 blocks
+    assert cli("generate", "digits", "--prompt", "4", "--steps", "2", "--out", tmp_path / "s2") == 0
+    settings = run_json(tmp_path / "s2")["settings"]
+    assert "skip_blocks" not in settings and "skip_scale" not in settings
+
+
+# --- writing --out: every failure one line, nothing finished lost ----------------------------------------------
+
+
+READ_ONLY = PermissionError(13, "Permission denied")
+
+
+def _refuse_writes_under(monkeypatch, folder, error=READ_ONLY, when=lambda path: True):
+    """Writes under ``folder`` fail with ``error`` where ``when(path)``, as on a read-only folder (root ignores the
+    permission bits, so the test stands in for the file system at the calls the command makes)."""
+    import builtins
+
+    folder, real_open = str(folder), builtins.open
+    refused = lambda path: str(path).startswith(folder) and when(str(path))  # noqa: E731
+
+    def open_(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and refused(file):
+            raise type(error)(error.errno, error.strerror, str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def path_call(real):
+        def call(path, *args, **kwargs):
+            if refused(path) and (real is os.link or os.path.lexists(path)):  # a missing file: ENOENT, as any fs
+                raise type(error)(error.errno, error.strerror, str(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(builtins, "open", open_)
+    for name in ("unlink", "link", "replace", "rmdir"):
+        monkeypatch.setattr(os, name, path_call(getattr(os, name)))
+
+
+def test_read_only_out_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    _refuse_writes_under(monkeypatch, out)
+    assert cli("generate", "digits", "--prompt", "3", "--steps", "2", "--out", out) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"cannot write in --out {out}: Permission denied" in line
+    assert list(out.iterdir()) == []
+
+
+def test_a_failed_write_mid_batch_is_one_line_and_keeps_what_finished(tmp_path, capsys, monkeypatch):
+    # the disk fills at prompt 1's picture: prompt 0 stays, with its record, and run.json lists it; the error
+    # handler's own writes failing too must not add a second message
+    import errno
+
+    prompts, out = tmp_path / "p.txt", tmp_path / "out"
+    prompts.write_text("1\n2\n")
+    _refuse_writes_under(monkeypatch, out, OSError(errno.ENOSPC, "No space left on device"),
+                         when=lambda path: "00001-2" in path)
+    assert cli("generate", "digits", "--prompts", prompts, "--steps", "2", "--out", out) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "cannot write" in line and "00001-2" in line and "No space left on device" in line
+    assert (out / "00000-1.png").exists() and (out / "00000-1.json").exists()
+    assert run_json(out)["finished"] == 1
+    monkeypatch.undo()
+    # and when run.json itself cannot be written either, the first failure is still the one line shown
+    _refuse_writes_under(monkeypatch, out, OSError(errno.ENOSPC, "No space left on device"),
+                         when=lambda path: "00001-2" in path or "run.json" in path)
+    assert cli("generate", "digits", "--prompts", prompts, "--steps", "2", "--out", out) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "00001-2" in line and (out / "00000-1.png").exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    prompts, out = tmp_path / "p.txt", tmp_path / "out"
+    prompts.write_bytes("\ufeff3\n5\n".encode("utf-8"))  # as Windows editors save UTF-8
+    assert cli("generate", "digits", "--prompts", prompts, "--steps", "2", "--out", out) == 0
+    assert [r["prompt"] for r in run_json(out)["images"]] == ["3", "5"]
+    assert (out / "00000-3.png").exists()
+
+
+def test_another_run_writing_the_same_out_is_named_as_such(tmp_path, capsys, monkeypatch):
+    # a second run writes prompt 0's picture while this one samples it: this run refuses to overwrite, and says
+    # that another run (not another process of this one) wrote it
+    from s2fast.digits import DigitsFlowPipeline
+
+    out, original = tmp_path / "out", DigitsFlowPipeline.__call__
+
+    @functools.wraps(original)
+    def meanwhile_another_run_writes(self, *args, **kwargs):
+        (out / "00000-4.png").write_bytes(b"the other run's picture")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DigitsFlowPipeline, "__call__", meanwhile_another_run_writes)
+    assert cli("generate", "digits", "--prompt", "4", "--steps", "2", "--out", out) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "another s2fast run is writing to the same --out" in line and "another process of this run" not in line
+    assert (out / "00000-4.png").read_bytes() == b"the other run's picture"

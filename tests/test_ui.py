@@ -22,7 +22,7 @@ from s2fast.cli.errors import UserError
 
 gr = pytest.importorskip("gradio", reason="the page needs the ui extra: pip install 's2fast[ui]'")
 
-from s2fast.cli import ui  # noqa: E402
+from s2fast.cli import methods, ui  # noqa: E402
 
 # prompt, λ, ω, drop ratio, steps, seed, method, skip blocks, skip scale: few steps keep each request under seconds
 INPUTS = ("3", None, 0.5, 0.1, 4, 7, "s2", "2", 3.0)
@@ -124,8 +124,10 @@ def test_an_unexpected_failure_shows_one_line():
     assert shown.value.message == "RuntimeError: something inside broke"
 
 
-def test_default_skip_blocks_fit_the_model():
-    assert ui.default_skip_blocks(24) == (7, 8, 9) and ui.default_skip_blocks(12) == (7, 8, 9)
+def test_the_page_offers_the_commands_default_skip_blocks():
+    """The page's SGG default is the command's (s2fast/cli/methods.py: SD3-medium's 7, 8, 9 scaled to the depth)."""
+    assert ui.default_skip_blocks is methods.default_skip_blocks
+    assert ui.default_skip_blocks(24) == (7, 8, 9)
     assert ui.default_skip_blocks(6) == (2,)  # the digits model: 7/24 of its depth
     for depth in range(2, 10):
         blocks = ui.default_skip_blocks(depth)

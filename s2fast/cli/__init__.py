@@ -1,7 +1,8 @@
-"""The s2fast command: generate images with CFG or S² from any supported checkpoint, time the methods on it,
-and run the demo.
+"""The s2fast command: generate images and videos with CFG or S² from any supported checkpoint, time the methods
+on it, and run the demo.
 
-    s2fast generate MODEL --prompt TEXT --out DIR [--method cfg|s2] [--compare] [--prompts FILE] ...
+    s2fast generate MODEL --prompt TEXT --out DIR [--method cfg|s2|sgg] [--compare] [--prompts FILE]
+                    [--image PATH] [--mask PATH] [--video PATH] [--frames N] ...
     s2fast bench MODEL [--steps N] [--rounds R] [--json FILE]
     s2fast ui [MODEL] [--port PORT]
     s2fast demo [demo options]
@@ -19,6 +20,7 @@ import sys
 from typing import List, Optional
 
 from .errors import UserError
+from .families import FAMILIES
 from .methods import METHODS
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -94,8 +96,9 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--omega", type=_finite(0, False), default=0.25, help="S² scale ω (default 0.25, the paper's)")
     p.add_argument("--drop-ratio", type=_finite(0, True), default=0.1,
                    help="fraction of blocks each S² sub-network skips (default 0.1)")
-    p.add_argument("--skip-blocks", type=_blocks, default=(7, 8, 9),
-                   help="SGG: the blocks its skip pass skips, comma-separated (default 7,8,9, SD3-medium's)")
+    p.add_argument("--skip-blocks", type=_blocks, default=None,
+                   help="SGG: the blocks its skip pass skips, comma-separated (default: SD3-medium's 7,8,9 of 24 "
+                        "blocks, scaled to the model's depth: 2 on the 6-block digits model)")
     p.add_argument("--skip-scale", type=_finite(-math.inf, False), default=3.0,
                    help="SGG: the scale of its skip term (default 3.0)")
     p.add_argument("--steps", type=_positive_int, default=None,
@@ -107,7 +110,33 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                    help="noise seed (prompt i of a --prompts file uses seed + i) and S² mask seed (default 0)")
     p.add_argument("--height", type=_positive_int, default=None, help="image height (text pipelines)")
     p.add_argument("--width", type=_positive_int, default=None, help="image width (text pipelines)")
-    p.add_argument("--frames", type=_positive_int, default=None, help="frames (video pipelines)")
+    p.add_argument("--frames", type=_positive_int, default=None,
+                   help="frames (Wan: 4k+1; video-to-video: the first N frames of --video)")
+    p.add_argument("--fps", type=_positive_int, default=None,
+                   help="frames per second of the MP4 (default the model's: 16, Wan 2.2 TI2V 24)")
+    p.add_argument("--guidance-2", type=_finite(0, False), default=None,
+                   help="Wan 2.2: λ of the second (low-noise) expert (default: the pipeline's)")
+    p.add_argument("--image", action="append", metavar="PATH", default=None,
+                   help="input image (image-to-image, inpainting, Kontext, Wan image-to-video); repeat it for "
+                        "pipelines that take several (Qwen-Image Edit Plus, Flux.2 references)")
+    p.add_argument("--mask", metavar="PATH", default=None, help="inpainting mask, white where the model repaints")
+    p.add_argument("--video", metavar="PATH", default=None, help="input video (Wan video-to-video)")
+    p.add_argument("--strength", type=_finite(0, True), default=None,
+                   help="how far from the input image or video the sample moves, in (0, 1] (default: the "
+                        "pipeline's)")
+
+
+def pipelines_help() -> str:
+    """The pipelines the command runs, each with the options it takes beyond the common ones."""
+    lines = ["pipelines (MODEL's model_index.json names one):"]
+    for name, family in FAMILIES.items():
+        takes = family.options()
+        if family.class_conditional:
+            takes.insert(0, "--prompt is a class name or id")
+        if family.distilled:
+            takes.append("guidance-distilled: --guidance is its guidance embedding, S² without an uncond branch")
+        lines.append(f"  {name}" + (f": {'; '.join(takes)}" if takes else ""))
+    return "\n".join(lines)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,15 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{generate,bench,ui,demo}")
     sub.required = True
 
-    gen = sub.add_parser("generate", help="sample images with CFG or S² and write PNGs and run.json",
-                         description="Sample one image per prompt with the chosen method; write one PNG per image and "
-                                     "run.json (settings, versions, device, per-step and total times, S² masks).")
+    gen = sub.add_parser("generate", help="sample images or videos with CFG or S² and write PNGs/MP4s and run.json",
+                         description="Sample one image (or video) per prompt with the chosen method; write one PNG "
+                                     "(or MP4 and a still) per prompt and run.json (settings, versions, device, "
+                                     "per-step and total times, S² masks).",
+                         epilog=pipelines_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_options(gen)
     _sampling_options(gen)
     gen.add_argument("--method", choices=tuple(METHODS), default="s2",
                      help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + " (default s2)")
     gen.add_argument("--compare", action="store_true",
-                     help="also sample CFG from the same noise and write a side-by-side image (CFG left)")
+                     help="also sample CFG from the same noise and write a labelled side-by-side image or video "
+                          "(CFG left)")
     gen.add_argument("--prompts", metavar="FILE", default=None,
                      help="one prompt per line (blank lines skipped); resumable: prompts whose outputs exist are "
                           "skipped")
@@ -146,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time stock CFG, s2fast CFG, naive S² and s2fast S² on MODEL",
                            description="Time stock CFG, s2fast CFG, naive three-pass S² and s2fast S² on MODEL in "
                                        "interleaved rounds; print per-step time, ratio to stock CFG, block-row floor "
-                                       "and peak memory, and say when the spread makes a ratio untrustworthy.")
+                                       "and peak memory, and say when the spread makes a ratio untrustworthy.",
+                           epilog=pipelines_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_options(bench)
     _sampling_options(bench)
     bench.set_defaults(steps=10)  # not the pipeline's 28-50: four cases × rounds of full calls
@@ -176,6 +209,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error("--compare samples CFG beside the chosen method: choose another --method than cfg")
     if args.command in ("generate", "bench") and args.drop_ratio >= 1:
         parser.error(f"argument --drop-ratio: must be < 1, got {args.drop_ratio:g}")
+    if args.command in ("generate", "bench") and args.strength is not None and args.strength > 1:
+        parser.error(f"argument --strength: must be ≤ 1, got {args.strength:g}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -183,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if argv[:1] == ["demo"]:  # the demo keeps its own parser (and its --help)
         from s2fast import demo
 
-        sys.exit(_guarded(lambda: demo.main(argv[1:])))
+        sys.exit(_guarded(lambda: demo.main(argv[1:], prog="s2fast demo")))
     parser = build_parser()
     args = parser.parse_args(argv)
     _check(parser, args)

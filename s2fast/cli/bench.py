@@ -29,12 +29,23 @@ from s2fast.engine import block_rows
 from s2fast.reference import wrap_three_pass
 from s2fast.timing import InterleavedRounds, block_share, step_floor, timing_warning
 
+from . import media
 from .errors import UserError
-from .methods import s2_config, sgg_config
-from .models import load_pipeline, resolve_device, resolve_dtype, sibling
+from .families import family_named
+from .methods import s2_config, sgg_config, skip_blocks
+from .models import inspect_model, load_pipeline, resolve_device, resolve_dtype, sibling
 from .runtime import StepClock, device_record, versions
 
 BASELINE = "stock CFG"
+
+
+def sgg_missing(args, num_blocks: int) -> Optional[str]:
+    """Why bench times no SGG case on a model of ``num_blocks`` blocks, or None where it does."""
+    blocks = skip_blocks(args, num_blocks)
+    if max(blocks) < num_blocks and len(blocks) < num_blocks:
+        return None
+    return (f"s2fast SGG not timed: --skip-blocks {','.join(map(str, blocks))} names blocks the model's {num_blocks} "
+            f"(0..{num_blocks - 1}) do not have or all of them")
 
 
 def cases(pipe, args, num_blocks: Optional[int] = None) -> Dict[str, tuple]:
@@ -51,9 +62,9 @@ def cases(pipe, args, num_blocks: Optional[int] = None) -> Dict[str, tuple]:
         "s2fast CFG": (pipe, lambda: s2fast.wrap(pipe, dataclasses.replace(config, omega=0.0))),  # no sub-network
         "naive three-pass S²": (pipe, lambda: wrap_three_pass(pipe, config)),
         "s2fast S²": (pipe, lambda: s2fast.wrap(pipe, config)),
-        # SGG where its skip blocks exist in this model (the default 7,8,9 are SD3-medium's)
-        **({"s2fast SGG": (pipe, lambda: s2fast.wrap(pipe, sgg_config(args)))}
-           if num_blocks is not None and max(args.skip_blocks) < num_blocks else {}),
+        # SGG where its skip blocks exist in this model (sgg_missing says why not)
+        **({"s2fast SGG": (pipe, lambda: s2fast.wrap(pipe, sgg_config(args, num_blocks)))}
+           if num_blocks is not None and sgg_missing(args, num_blocks) is None else {}),
     }
 
 
@@ -62,7 +73,7 @@ def sgg_floor(args, num_blocks: int) -> float:
     window, and the skip rows from their fork (the first skipped block) where skip guidance applies."""
     from s2fast import plan
 
-    steps = plan.guidance_steps(sgg_config(args), args.steps, num_blocks)
+    steps = plan.guidance_steps(sgg_config(args, num_blocks), args.steps, num_blocks)
     rows = sum((2 if g.uncond else 1) * num_blocks + sum(num_blocks - min(m) - len(m) for m in g.subnets) for g in steps)
     return rows / (2 * num_blocks * args.steps)
 
@@ -117,14 +128,20 @@ class GpuSampler:
 def run(args) -> Dict:
     if args.steps < 3:
         raise UserError("--steps must be at least 3 for bench (a case's time is its median step after the first)")
+    media.check_input_files(args)
+    info = inspect_model(args.model)  # every check that needs no weights, before they load
+    family = family_named(info.class_name)
+    family.check_options(info, args)
+    prompt = args.prompt if args.prompt is not None else family.default_prompt
+    family.condition(info, prompt)
+    inputs = media.read_inputs(args, family)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = load_pipeline(args.model, dtype)
+    pipe = load_pipeline(info, dtype)
     from .generate import prepare
 
-    family = prepare(pipe, args, device)
-    prompt = args.prompt if args.prompt is not None else family.default_prompt
-    kwargs = family.call_kwargs(pipe, args, prompt)
+    prepare(pipe, args, device)
+    kwargs = family.call_kwargs(pipe, args, prompt, inputs)
     from s2fast.adapters import adapter_for
 
     blocks = adapter_for(pipe).blocks(pipe.transformer)
@@ -138,8 +155,9 @@ def run(args) -> Dict:
     def call(target, steps, extra=None):
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         try:
-            return target(**dict(kwargs, num_inference_steps=steps), generator=generator, output_type="np",
-                          **(extra or {})).images
+            result = target(**dict(kwargs, num_inference_steps=steps), generator=generator, output_type="np",
+                            **(extra or {}))
+            return np.asarray(result.frames if family.video else result.images)
         except torch.OutOfMemoryError:
             raise UserError(f"out of memory on {device} (try --offload model, a smaller --height/--width or "
                             "--dtype bf16)") from None
@@ -209,7 +227,7 @@ def run(args) -> Dict:
         "model": args.model, "pipeline": type(pipe).__name__, "prompt": prompt, "steps": args.steps,
         "rounds": args.rounds, "guidance": family.guidance(pipe, args), "omega": args.omega,
         "drop_ratio": args.drop_ratio, "seed": args.seed, "blocks": num_blocks, "block_share": share,
-        "masks": [list(m) for m in traces["s2fast S²"]], "cases": rows,
+        "masks": [list(m) for m in traces["s2fast S²"]], "cases": rows, "sgg_missing": sgg_missing(args, num_blocks),
         "s2_difference": float(np.abs(outputs["s2fast S²"] - outputs["naive three-pass S²"]).max()),
         "s2_effect": float(np.abs(outputs["s2fast S²"] - outputs[BASELINE]).max()),
         "versions": versions(), "device": device_record(device, dtype, _One()),
@@ -259,6 +277,11 @@ def format_table(r: Dict) -> str:
                             for k, w in (("power_w", 7), ("sm_clock_mhz", 8), ("utilisation_pct", 8)))
         lines.append(line)
     lines += [
+        "columns: ms/step = the case's median step over all its calls; vs CFG = the median over rounds of the case's "
+        "step time ÷ stock CFG's in the same round, with its range (load that changes between rounds moves the "
+        "ms/step medians apart but cancels within a round: the two columns need not agree); block-row floor = the "
+        "block calls per step the case needs ÷ CFG's",
+        *([f"  {r['sgg_missing']}"] if r.get("sgg_missing") else []),
         f"the blocks take {100 * r['block_share']:.0f} % of a stock CFG step: the lowest ratio a floor f allows is "
         f"1 + (f − 1) · {r['block_share']:.2f}",
         *(f"  !! {name}: this ratio is {c['warning']}" for name, c in r["cases"].items() if c["warning"]),

@@ -10,12 +10,12 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 
 from .errors import UserError
+from .families import FAMILIES, ModelInfo, family_of, labels_of  # noqa: F401  (family_of: for the subcommands)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -53,9 +53,7 @@ def _supported_names():
 
 
 def _check_class(class_name: Optional[str], model: str) -> None:
-    """Refuse, before any weights load, a pipeline s2fast does not support or the command does not know how to call
-    (s2fast.wrap serves more pipelines than the command: image-to-image, inpainting and newer families take inputs
-    the command has no options for)."""
+    """Refuse, before any weights load, a pipeline s2fast does not support or the command does not know how to call."""
     supported = _supported_names()
     if class_name not in supported:
         raise UserError(f"{model} is a {class_name or 'pipeline of unknown class'}, which s2fast does not support "
@@ -65,44 +63,104 @@ def _check_class(class_name: Optional[str], model: str) -> None:
                         f"does not know how to call it (it runs {', '.join(FAMILIES)})")
 
 
-def load_pipeline(model: str, dtype: torch.dtype):
-    """The pipeline MODEL names, on the CPU in ``dtype``; UserError when it cannot be loaded or is not supported."""
-    from diffusers import DiffusionPipeline
-
+def inspect_model(model: str) -> ModelInfo:
+    """What MODEL is, from its model_index.json (and a local folder's transformer config), without loading weights:
+    UserError when it is missing, unreadable or not a pipeline the command runs."""
     if model == "digits":
+        from s2fast.digits.pipeline import DEFAULT_WEIGHTS
+
+        return _info(model, DEFAULT_WEIGHTS)
+    if os.path.isdir(os.path.expanduser(model)):
+        return _info(model, os.path.expanduser(model))
+    if _looks_like_path(model):
+        raise UserError(f"no model folder at {model}")
+    index = _hub_index(model)
+    _check_class(index.get("_class_name"), model)
+    cls = _pipeline_class(index["_class_name"])
+    return ModelInfo(model, index["_class_name"], index, None, tuple(inspect.signature(cls.__call__).parameters),
+                     labels_of(index.get("id2label")))
+
+
+def _info(model: str, path: str) -> ModelInfo:
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise UserError(f"{model} is not a diffusers pipeline folder (it has no model_index.json)")
+    index = _read_json(index_path)
+    class_name = index.get("_class_name")
+    _check_class(class_name, model)
+    config_path = os.path.join(path, "transformer", "config.json")
+    config = _read_json(config_path) if os.path.isfile(config_path) else None
+    cls = _pipeline_class(class_name)
+    return ModelInfo(model, class_name, index, config, tuple(inspect.signature(cls.__call__).parameters),
+                     labels_of(index.get("id2label")), path)
+
+
+def _read_json(path: str) -> Dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {_first_line(e)}") from None
+
+
+def _hub_index(model: str) -> Dict:
+    """A hub model's model_index.json through diffusers' loading and cache. Where it is not cached and the hub
+    cannot be reached, one line says so at once (huggingface_hub would retry for half a minute, then report a
+    missing file)."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    unreachable = f"cannot load {model!r}: it is not in the local cache, and the hub cannot be reached"
+    cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    if not cached and constants.HF_HUB_OFFLINE:
+        raise UserError(f"cannot load {model!r}: it is not in the local cache, and HF_HUB_OFFLINE is set")
+    if not cached and not _hub_reachable(constants.ENDPOINT):
+        raise UserError(unreachable)
+    try:
+        return DiffusionPipeline.load_config(model)
+    except (OSError, ValueError) as e:  # not found, gated, malformed id
+        if type(e.__context__).__name__ == "LocalEntryNotFoundError":
+            raise UserError(unreachable) from None
+        raise UserError(f"cannot load {model!r} from the hub or its cache: {_first_line(e)}") from None
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's endpoint opens (one try). Behind a proxy the answer is left to the
+    download itself."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def load_pipeline(info: ModelInfo, dtype: torch.dtype):
+    """The pipeline ``info`` describes (``inspect_model``), on the CPU in ``dtype``; UserError when it cannot be
+    loaded."""
+    if info.name == "digits":
         from s2fast.digits import load_default_pipeline
 
         return load_default_pipeline(dtype=dtype)
-    if os.path.isdir(os.path.expanduser(model)):
-        path = os.path.expanduser(model)
-        index = os.path.join(path, "model_index.json")
-        if not os.path.isfile(index):
-            raise UserError(f"{model} is not a diffusers pipeline folder (it has no model_index.json)")
-        try:
-            with open(index) as f:
-                class_name = json.load(f).get("_class_name")
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {index}: {e}") from None
-        _check_class(class_name, model)
-        return _from_pretrained(_pipeline_class(class_name, DiffusionPipeline), path, model, dtype, local_files_only=True)
-    if _looks_like_path(model):
-        raise UserError(f"no model folder at {model}")
-    # A hub id: diffusers' own loading and cache. The index alone first, to refuse an unsupported pipeline before
-    # its weights are fetched.
-    try:
-        class_name = DiffusionPipeline.load_config(model).get("_class_name")
-    except (OSError, ValueError) as e:  # not found, offline without a cached copy, gated, malformed id
-        raise UserError(f"cannot load {model!r} from the hub or its cache: {_first_line(e)}") from None
-    _check_class(class_name, model)
-    return _from_pretrained(_pipeline_class(class_name, DiffusionPipeline), model, model, dtype)
+    cls = _pipeline_class(info.class_name)
+    if info.path is not None:
+        return _from_pretrained(cls, info.path, info.name, dtype, local_files_only=True)
+    return _from_pretrained(cls, info.name, info.name, dtype)
 
 
-def _pipeline_class(class_name: str, default):
+def _pipeline_class(class_name: str):
     if class_name == "DigitsFlowPipeline":  # the project's own class, which diffusers' loader does not know
         from s2fast.digits import DigitsFlowPipeline
 
         return DigitsFlowPipeline
-    return default
+    import diffusers
+
+    return getattr(diffusers, class_name)
 
 
 def _from_pretrained(cls, where: str, model: str, dtype, **kwargs):
@@ -120,6 +178,11 @@ def sibling(pipe):
     takes the model's stock forward. Unwrapping between calls instead would release s2fast's block graphs, and
     every S² call would capture them anew."""
     components = dict(pipe.components, scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
+    # and the pipeline's own settings that are no component (Wan 2.2's boundary_ratio and expand_timesteps,
+    # Flux.2 Klein's is_distilled): without them the sibling would sample another way
+    for name in inspect.signature(type(pipe).__init__).parameters:
+        if name not in components and name in pipe.config:
+            components[name] = pipe.config[name]
     other = type(pipe)(**components)
     for name in ("labels",):  # DiT's class names live on the instance, not among the components
         if hasattr(pipe, name):
@@ -131,97 +194,3 @@ def sibling(pipe):
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
-
-
-# --- how each family is called -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Family:
-    """How the command calls one pipeline class: its guidance argument, whether it takes text or class labels,
-    and whether it makes videos."""
-
-    guidance_arg: str = "guidance_scale"
-    class_conditional: bool = False
-    video: bool = False
-    negative_default: Optional[str] = None   # negative prompt used when CFG is on and none is given (Flux)
-    default_prompt: str = "a photo of a cat"  # for bench, when --prompt is not given
-
-    def check_options(self, pipe, args) -> None:
-        name = type(pipe).__name__
-        if self.class_conditional:
-            for option in ("negative_prompt", "height", "width"):
-                if getattr(args, option) is not None:
-                    flag = "--" + option.replace("_", "-")
-                    raise UserError(f"{flag}: {name} is class-conditional with a fixed image size; it takes no {flag}")
-        if args.frames is not None and not self.video:
-            raise UserError(f"--frames: {name} makes images, not videos")
-
-    def guidance(self, pipe, args) -> float:
-        """λ: the option, or the pipeline's own default."""
-        if args.guidance is not None:
-            return args.guidance
-        return float(inspect.signature(pipe.__call__).parameters[self.guidance_arg].default)
-
-    def steps(self, pipe, args) -> int:
-        if args.steps is not None:
-            return args.steps
-        return int(inspect.signature(pipe.__call__).parameters["num_inference_steps"].default)
-
-    def condition(self, pipe, prompt: str) -> Dict:
-        """The call's conditioning for one prompt; UserError for a class name or id the pipeline does not have."""
-        if not self.class_conditional:
-            return {"prompt": prompt}
-        return {"class_labels": [class_id(pipe, prompt)]}
-
-    def call_kwargs(self, pipe, args, prompt: str) -> Dict:
-        kwargs = dict(self.condition(pipe, prompt), num_inference_steps=self.steps(pipe, args))
-        lam = self.guidance(pipe, args)
-        kwargs[self.guidance_arg] = lam
-        negative = args.negative_prompt
-        if negative is None and lam > 1:
-            negative = self.negative_default
-        if negative is not None:
-            kwargs["negative_prompt"] = negative
-        for option in ("height", "width"):
-            if getattr(args, option) is not None:
-                kwargs[option] = getattr(args, option)
-        if args.frames is not None:
-            kwargs["num_frames"] = args.frames
-        return kwargs
-
-
-FAMILIES: Dict[str, Family] = {
-    "StableDiffusion3Pipeline": Family(),
-    # Flux's guidance_scale is the distilled-guidance embedding; CFG with a negative branch is its true_cfg_scale,
-    # on only when a negative prompt is given, so an empty one stands in when λ > 1 and none is given.
-    "FluxPipeline": Family(guidance_arg="true_cfg_scale", negative_default=""),
-    "DiTPipeline": Family(class_conditional=True, default_prompt="0"),
-    "DigitsFlowPipeline": Family(class_conditional=True, default_prompt="7"),
-}
-
-
-def family_of(pipe) -> Family:
-    name = type(pipe).__name__
-    if name not in FAMILIES:
-        raise UserError(f"the s2fast command does not know how to call {name} (it knows {', '.join(FAMILIES)})")
-    return FAMILIES[name]
-
-
-def class_id(pipe, prompt: str) -> int:
-    """A class-conditional pipeline's class for ``prompt``: an id, or a label name (DiT's ``get_label_ids``)."""
-    num_classes = int(pipe.transformer.config.num_embeds_ada_norm)
-    text = prompt.strip()
-    if text.lstrip("-").isdigit():
-        value = int(text)
-        if not 0 <= value < num_classes:
-            raise UserError(f"class id {value} is outside 0..{num_classes - 1} for {type(pipe).__name__}")
-        return value
-    labels = getattr(pipe, "labels", None) or {}
-    if not labels:
-        raise UserError(f"{type(pipe).__name__} has no class names (its model_index.json has no id2label): "
-                        f"give a class id in 0..{num_classes - 1}, not {text!r}")
-    if text not in labels:
-        raise UserError(f"unknown class name {text!r} (one of the {len(labels)} names of the model's id2label, "
-                        f"e.g. {', '.join(list(labels)[:3])})")
-    return pipe.get_label_ids([text])[0]

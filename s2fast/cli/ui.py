@@ -3,8 +3,8 @@ with the per-step times, the masks drawn and a sweep over ω from one seed.
 
 The page runs the command's own code: its inputs become ``s2fast generate`` options, parsed and checked by the
 command's parser (so a bad value reads as the command's message), and each sample is drawn by
-``sampling.sample_methods`` on pipelines set up by ``generate.method_pipelines``, as ``s2fast generate --compare``
-draws them. The page listens on 127.0.0.1 only, makes no share link and sends no analytics; the browser loads
+``generate.sample`` on pipelines set up by ``generate.method_pipelines``, as ``s2fast generate --compare`` draws
+them. The page listens on 127.0.0.1 only, makes no share link and sends no analytics; the browser loads
 nothing but the page's own files.
 """
 
@@ -14,9 +14,11 @@ import argparse
 import math
 import os
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from .errors import UserError
+from .families import ModelInfo
+from .methods import default_skip_blocks
 
 METHOD_CHOICES = (("S²", "s2"), ("SGG", "sgg"))
 DISPLAY_SIDE = 256          # small images (digits: 28×28) are shown upscaled, nearest neighbour, to at least this
@@ -32,16 +34,6 @@ def import_gradio():
     except ImportError:
         raise UserError("s2fast ui needs gradio: pip install 's2fast[ui]'") from None
     return gradio
-
-
-def default_skip_blocks(num_blocks: int) -> Tuple[int, ...]:
-    """SGG's skip blocks for a model of ``num_blocks`` blocks: SD3-medium's 7, 8, 9 (of 24) where the model has
-    them, else the same relative position and share of the depth (digits, 6 blocks: block 2)."""
-    if num_blocks > 9:
-        return (7, 8, 9)
-    start = max(1, round(7 * num_blocks / 24))
-    count = max(1, round(3 * num_blocks / 24))
-    return tuple(b for b in range(start, start + count) if b < num_blocks - 1) or (num_blocks // 2,)
 
 
 class Page:
@@ -85,8 +77,9 @@ class Page:
         if not args.prompt.strip():
             raise UserError("the prompt is empty" + (" (give a class: a name or an id)" if self.family.class_conditional
                                                      else ""))
-        self.family.check_options(self.pipe, args)
-        self.family.condition(self.pipe, args.prompt)  # a bad class name or id fails here, before any sampling
+        info = ModelInfo.of_pipeline(self.model, self.pipe)
+        self.family.check_options(info, args)
+        self.family.condition(info, args.prompt)  # a bad class name or id fails here, before any sampling
         return args
 
     # --- sampling: the command's path ---------------------------------------------------------------------------
@@ -95,13 +88,11 @@ class Page:
         """Each of ``methods`` from the same noise (``args.seed``), as ``s2fast generate`` samples one prompt."""
         import torch
 
-        from .generate import method_pipelines
-        from .sampling import sample_methods
+        from .generate import method_pipelines, sample
 
         with self.lock, torch.no_grad():  # gradio runs handlers in worker threads, where grad mode is on again
             pipes = method_pipelines(self.pipe, methods, args)
-            kwargs = self.family.call_kwargs(pipes[methods[-1]], args, args.prompt)
-            return sample_methods(pipes, methods, args, kwargs, args.seed, self.device, where="this request")
+            return sample(pipes, self.family, args, args.prompt, args.seed, self.device, where=" in this request")
 
     def compare(self, *inputs):
         """CFG and the method from the same noise: (cfg image, method image, times, masks image, status)."""
@@ -112,7 +103,7 @@ class Page:
         status = (f"{type(self.pipe).__name__}, prompt {args.prompt!r}, seed {args.seed}: CFG (left) and {label} "
                   f"(right) from the same noise, λ {self.family.guidance(self.pipe, args):g}, "
                   f"{self.family.steps(self.pipe, args)} steps, {_scale_text(args)}.")
-        return (cfg.output.images[0], other.output.images[0], timing_table(label, cfg, other),
+        return (cfg.output, other.output, timing_table(label, cfg, other),
                 masks_image(other.trace, self.num_blocks), status)
 
     def sweep(self, *inputs_and_values):
@@ -126,7 +117,7 @@ class Page:
         for value in values:
             setattr(args, scale, value)
             run = self.sample(args, [args.method])[args.method]
-            shown.append((run.output.images[0], f"{'ω' if scale == 'omega' else 'skip scale'} = {value:g}"))
+            shown.append((run.output, f"{'ω' if scale == 'omega' else 'skip scale'} = {value:g}"))
         return shown
 
 
