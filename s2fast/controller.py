@@ -368,7 +368,8 @@ class Controller:
                 if ("graphs_checked", id(model)) not in run.memo:  # once per call: weights replaced since? recapture
                     run.memo[("graphs_checked", id(model))] = True
                     graphs.check_model(model)
-                graphs.variant = (backend, self.config.compile_blocks)
+                graphs.ping_pong = self.config.graph_outputs == "ping_pong"
+                graphs.variant = (backend, self.config.compile_blocks, self.config.graph_outputs)
                 self._warm_up(model, state, rows, key, fork_mode)
             return self.predictor(self.adapter, model, rows, subnets, self.options(state, fork_mode))
 
