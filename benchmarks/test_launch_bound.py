@@ -39,6 +39,37 @@ def block_calls(num_blocks: int, subnets, fork_mode: str, reuse_prefix: bool = T
     return num_blocks + sum(num_blocks - (min(m) if reuse_prefix else 0) - len(m) for m in subnets)
 
 
+def call_counts(call) -> dict:
+    """Counts that do not drift with the machine's load, for one (steady-state) call: aten ops (a dispatch mode) and
+    Python function calls (sys.setprofile). A change in either between commits is a change in the work; wall time
+    on a shared machine cannot show a 5 % regression, these can (docs/PERFORMANCE.md §15)."""
+    import sys
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        call()
+    calls = [0]
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return {"aten_ops": float(Ops.count), "py_calls": float(calls[0])}
+
+
 def _floors(trace, num_blocks, fork_mode):
     steps = [(s,) if s and isinstance(s[0], int) else tuple(s) for s in trace]  # the public form of one mask
     rows = sum(block_rows(num_blocks, 2, s) for s in steps) / (len(steps) * 2 * num_blocks)
@@ -73,6 +104,8 @@ def test_pipeline_steps(interleaved, shape_name):
                 mode = s2fast.serving.controller_of(pipe)._run.memo.get(("fork_mode", id(shared)), "separate")
             extra[name] = _floors(s2fast.trace(pipe), shape.num_layers, mode)
             extra[name]["joined"] = float(mode == "join")
+    for name, pipe in pipes.items():
+        extra[name].update(call_counts(lambda p=pipe: run(p)))
     cases = {name: (lambda p=pipe: run(p)) for name, pipe in pipes.items()}
     try:
         interleaved(f"sd3-{shape_name} whole call, {STEPS} steps", cases, "cfg-stock", rounds, extra)

@@ -17,6 +17,7 @@ FUSED_STEP = ("auto", True, False)
 STEP_MODES = ("fp32", "exact")
 CUDA_GRAPHS = ("auto", True, False)
 MAX_NUM_MASKS = 64  # naive S² averages N sub-networks, one more pass each: a bound, not a tuning knob
+GRAPH_OUTPUTS = ("ping_pong", "per_block")  # s2fast/graphs.py
 ATTENTION = ("default", "fastest", "flash", "efficient", "cudnn", "math")  # s2fast/attention.py
 
 
@@ -32,6 +33,7 @@ class EngineSettings:
     fused_step: Union[str, bool] = "auto"
     step_mode: str = "fp32"
     cuda_graphs: Union[str, bool] = "auto"
+    graph_outputs: str = "ping_pong"
     attention: str = "default"
     compile_blocks: Optional[str] = None
     branch_parallel: bool = False
@@ -50,6 +52,8 @@ class EngineSettings:
             raise ValueError(f"{owner}.fused_step must be 'auto', True or False, got {self.fused_step!r}")
         if not (self.cuda_graphs is True or self.cuda_graphs is False or self.cuda_graphs == "auto"):
             raise ValueError(f"{owner}.cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
+        if self.graph_outputs not in GRAPH_OUTPUTS:
+            raise ValueError(f"{owner}.graph_outputs must be one of {GRAPH_OUTPUTS}, got {self.graph_outputs!r}")
         if self.compile_blocks is not None and (not isinstance(self.compile_blocks, str) or not self.compile_blocks):
             raise ValueError(f"{owner}.compile_blocks must be None or a torch.compile backend name such as "
                              f"'inductor', got {self.compile_blocks!r}")
@@ -149,6 +153,11 @@ class S2Config(EngineSettings):
             drop every graph at the next call; other Python-side model changes (set_adapters weights) need an
             unwrap and a wrap. Wrapping again with another config keeps the captured graphs (a graph computes one
             block on one lane, whatever ω or the masks); ``s2fast.unwrap`` releases them and their memory.
+        graph_outputs: where block graphs keep their outputs. ``"ping_pong"`` (default): two buffers per lane, block
+            j writing where block j − 2's output was, so static memory does not grow with the block count
+            (docs/PERFORMANCE.md gives the formula), at one device copy of each block's outputs per call;
+            ``"per_block"``: each graph keeps its own outputs (no copy; static memory grows with depth). Results
+            are the same either way.
         attention: torch's scaled-dot-product-attention backend for the transformer. ``"default"`` (default) keeps
             torch's own dispatch, so results are the stock pipeline's; ``"fastest"`` times one prediction under
             each backend at the first step of an input shape and keeps the fastest (backends round differently:

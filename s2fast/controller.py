@@ -242,13 +242,14 @@ class Controller:
             if not c.batch_branches or not subnets or not run.guided or self.predictor is not predict:
                 mode = "separate"  # no step of this call forks, nothing to join, or a predictor without modes
             else:
-                def trial(m):
-                    return self.predictor(self.adapter, model, rows, subnets,
-                                          EngineOptions(c.batch_branches, c.reuse_prefix, m, None))
                 # counted at the weights' element size, so that the choice does not depend on autocast
                 flow = self.adapter.embed(model, rows.branch(rows.cond_branch)).flow
                 size = next(model.parameters()).element_size()
                 row_bytes = sum(t.numel() for t in flow if t is not None) * size // rows.rows_per_branch
+                # timed on one block (the first any mask can fork at), not on whole predictions: what the modes
+                # differ in is the calls of each block the sub-network runs (s2fast/fork_choice.py)
+                fork_block = min(min(m) for m in subnets)
+                trial = fork_choice.block_trial(self.adapter, model, rows, fork_block, len(subnets))
                 mode = fork_choice.fork_mode_for(model, self._input_key(rows), trial, row_bytes, rows.rows_per_branch,
                                                  len(subnets), self.fork_timer)
                 # ranks that share a sample run the first rank's choice: their collectives must pair up
@@ -426,7 +427,8 @@ class Controller:
                 if ("graphs_checked", id(model)) not in run.memo:  # once per call: weights replaced since? recapture
                     run.memo[("graphs_checked", id(model))] = True
                     graphs.check_model(model)
-                graphs.variant = (backend, self.config.compile_blocks)
+                graphs.ping_pong = self.config.graph_outputs == "ping_pong"
+                graphs.variant = (backend, self.config.compile_blocks, self.config.graph_outputs)
                 self._warm_up(model, state, rows, key, fork_mode)
             predictions = self.predictor(self.adapter, model, rows, subnets, self.options(state, fork_mode))
         if cp is not None and cp.root_gather is not None:

@@ -84,10 +84,13 @@ def _predict(adapter, model, rows: BranchRows, subnets, options: EngineOptions) 
         ((min(mask) if options.reuse_prefix else 0), rows.count + m, frozenset(mask)) for m, mask in enumerate(subnets)
     )
     joined = options.batch_branches and options.fork_mode == "join"
+    # with ping-pong graph outputs the cond lane overwrites its block k−1 output two blocks later: a separate
+    # sub-network lane must start from a copy, not a view (s2fast/graphs.py)
+    copy_fork = options.graphs is not None and options.graphs.ping_pong
     for j, block in enumerate(blocks):
         while forks and forks[0][0] == j:
             _, output, drops = forks.pop(0)
-            _fork(lanes, cond_output, b, _Group(output, drops), joined)
+            _fork(lanes, cond_output, b, _Group(output, drops), joined, copy_fork)
         for lane_id, lane in enumerate(lanes):
             _run_block(adapter, block, j, lane, b, options.graphs, lane_id)
     predictions: List[Optional[torch.Tensor]] = [None] * (rows.count + len(subnets))
@@ -98,8 +101,9 @@ def _predict(adapter, model, rows: BranchRows, subnets, options: EngineOptions) 
     return predictions
 
 
-def _fork(lanes: List[_Lane], cond_output: int, b: int, group: _Group, joined: bool) -> None:
-    """Copy the cond group's current state into a new group: appended to the cond lane, or as a lane of its own."""
+def _fork(lanes: List[_Lane], cond_output: int, b: int, group: _Group, joined: bool, copy: bool = False) -> None:
+    """Copy the cond group's current state into a new group: appended to the cond lane, or as a lane of its own
+    (a view of the cond rows, or with ``copy`` a copy of them)."""
     lane = next(lane for lane in lanes if any(g.output == cond_output for g in lane.groups))
     pos = next(i for i, g in enumerate(lane.groups) if g.output == cond_output)
     take = lambda t: t.narrow(0, pos * b, b)  # noqa: E731
@@ -110,7 +114,7 @@ def _fork(lanes: List[_Lane], cond_output: int, b: int, group: _Group, joined: b
         lane.groups.append(group)
         lane.drops = lane.drops | group.drops
     else:
-        flow = [None if t is None else take(t) for t in state.flow]
+        flow = [None if t is None else (take(t).clone() if copy else take(t)) for t in state.flow]
         lanes.append(_Lane(LaneState(flow, [take(t) for t in state.row_consts], state.shared), [group], group.drops))
 
 
@@ -153,7 +157,8 @@ def _call_block(adapter, block, j: int, lane_id: int, flow, row_consts, shared, 
     def fn(tensors: List[Any]):
         return list(adapter.run_block(block, tensors[:nf], tensors[nf:nf + nr], rebuild(tensors[nf + nr:])))
 
-    return graphs.run((j, lane_id, nf, nr), fn, [*flow, *row_consts, *shared_tensors], static)
+    # slot: block j's outputs on this lane go where block j − 2's were (ping-pong, s2fast/graphs.py)
+    return graphs.run((j, lane_id, nf, nr), fn, [*flow, *row_consts, *shared_tensors], static, slot=(lane_id, j % 2))
 
 
 @functools.lru_cache(maxsize=64)

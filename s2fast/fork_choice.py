@@ -15,9 +15,15 @@ So "auto" decides per model and input shape, at the first step that can run a su
 1. memory, from sizes: joining may hold at most ``MEMORY_SHARE`` of the transformer's weights more
    (``join_extra_bytes``: ``WORKING_SET`` times the hidden states of the sub-network rows). Stock CFG's peak holds
    at least the weights, so a join then stays within stock + 10 %. Over it: "separate", not timed.
-2. time, measured: one prediction in each mode, interleaved, best of ``ROUNDS`` after a warm-up, eagerly and
-   before any block graph is captured; "join" when it is at least ``JOIN_MARGIN`` faster, else "separate"
-   (which keeps SD3's [uncond, cond] rows bit-identical to the stock batched forward).
+2. time, measured on one block (``block_trial``): what the two modes differ in is the calls of every block the
+   sub-network runs: one call at (2 + n)B rows ("join") against one at 2B and n at B ("separate"). So the first
+   block any mask forks at is called that way, eagerly, before any block graph is captured, on the call's own
+   embedded inputs: a warm-up and ``ROUNDS`` timed rounds per mode, interleaved, best kept. That is
+   (1 + ROUNDS) · 2 · (2 + n) block-rows, about a third of one prediction of a 24-block model (it was
+   (1 + ROUNDS) whole predictions per mode, and a 6-step call paid 2 × its steady-state time at its first step).
+   "join" when it is at least ``JOIN_MARGIN`` faster, else "separate" (which keeps SD3's [uncond, cond] rows
+   bit-identical to the stock batched forward). The fork's copies (a join copies the cond rows into the batch once
+   per step) are left out: one copy of the hidden states against a block call of them.
 The choice is logged once with its numbers and kept for the process, per architecture (class, config, device,
 dtype) and input shape: every wrap of a model, and every copy of it, samples with the same choice, so a process
 samples reproducibly. Another process may choose differently where the two modes time
@@ -85,7 +91,8 @@ def faster(times: Dict[str, float]) -> str:
 
 def fork_mode_for(model, key: Tuple, run: Callable[[str], object], row_bytes: int, rows_per_branch: int,
                   num_masks: int, timer: Optional[Timer] = None) -> str:
-    """The mode "auto" runs ``model`` with at inputs ``key`` (``run(mode)``: one prediction in that mode)."""
+    """The mode "auto" runs ``model`` with at inputs ``key`` (``run(mode)``: what is timed in that mode,
+    ``block_trial``)."""
     known = (architecture(model), key)
     if known in _CHOSEN:
         return _CHOSEN[known]
@@ -99,12 +106,42 @@ def fork_mode_for(model, key: Tuple, run: Callable[[str], object], row_bytes: in
         device = next(model.parameters()).device
         times = time_modes(run, device, timer or wall_time)
         mode = faster(times)
-        why = (f"one prediction: join {times['join'] * 1e3:.3g} ms, separate {times['separate'] * 1e3:.3g} ms; "
+        why = (f"one block's calls: join {times['join'] * 1e3:.3g} ms, separate {times['separate'] * 1e3:.3g} ms; "
                f"join is chosen when {JOIN_MARGIN:.0%} faster")
     _CHOSEN[known] = mode
     logger.info("s2fast: fork_mode='auto' chose %r for %s at %s (%s)", mode, type(model).__name__,
                 _describe(key), why)
     return mode
+
+
+def block_trial(adapter, model, rows, block_index: int, num_masks: int) -> Callable[[str], object]:
+    """``run(mode)``: block ``block_index`` called as the engine calls it after a fork in ``mode``, on the rows'
+    embedded state: "join" once at the [uncond, cond] lane's rows plus ``num_masks`` cond copies, "separate" once
+    at the lane's rows and ``num_masks`` times at the cond rows. No prediction is made."""
+    from .adapters.base import lora_scale_context, split_lora_scale
+
+    stacked = rows.stacked() if rows.count > 1 else None
+    lane = adapter.embed(model, stacked if stacked is not None else rows.branch(rows.cond_branch))
+    b = rows.rows_per_branch
+    pos = rows.cond_branch if stacked is not None else 0
+    take = lambda t: t.narrow(0, pos * b, b)  # noqa: E731
+    cond_flow = [None if t is None else take(t) for t in lane.flow]
+    cond_consts = [take(t) for t in lane.row_consts]
+    joined_flow = [None if t is None else torch.cat([t] + [take(t)] * num_masks) for t in lane.flow]
+    joined_consts = [torch.cat([t] + [take(t)] * num_masks) for t in lane.row_consts]
+    block = adapter.blocks(model)[block_index]
+    _, lora_scale = split_lora_scale(rows.branch(0).get(adapter.attention_kwargs_key))
+
+    def run(mode: str) -> None:
+        with lora_scale_context(model, lora_scale):
+            if mode == "join":
+                adapter.run_block(block, joined_flow, joined_consts, lane.shared)
+                return
+            adapter.run_block(block, lane.flow, lane.row_consts, lane.shared)
+            for _ in range(num_masks):
+                adapter.run_block(block, cond_flow, cond_consts, lane.shared)
+
+    return run
 
 
 def architecture(model) -> Tuple:

@@ -21,6 +21,18 @@ elsewhere (a sub-network lane forked at another block), the input is copied into
 safe: the producer's output is then not this step's lane state, and nothing else reads it before the producer's
 next replay rewrites it.
 
+Ping-pong outputs (``ping_pong``, on by default): a graph's outputs would otherwise be static buffers of its own,
+alive as long as the graph, so static memory grew with depth (L blocks × lanes × an output each: ~93 GB at Wan
+14B 720p). A block's output is dead once the next block has read it, so the engine gives each call a slot
+``(lane, j mod 2)``, and every graph of a slot writes its outputs into that slot's buffer (one per output position
+and shape): block j writes where block j − 2's output was. The graph's own outputs become intermediates of its pool,
+freed after capture. Static memory is then 2 × (one block's outputs) per lane and row count, whatever the depth.
+What keeps it safe: a block's input is the other parity's buffer (or a fresh tensor); a graph whose chained input
+is its own destination (block j − 1 dropped on the lane, so block j + 1 would read and write one buffer) gets an
+input buffer of its own instead; a sub-network lane forked in "separate" mode starts from a copy of the cond
+lane's state, not a view of the cond lane's buffer, which that lane overwrites two blocks later; a dropped block
+passes its input on, and the next block copies it into its own input buffer before writing the other parity.
+
 Memory pools and replay order. torch lets graphs share a memory pool only if they replay in the order they were
 captured: a graph's intermediates reuse memory that earlier captures freed, so a graph captured later may keep its
 outputs where an earlier graph's intermediates go, and replaying that earlier graph after it overwrites them.
@@ -60,6 +72,27 @@ def _signature(tensors: Sequence[Optional[torch.Tensor]]) -> Tuple:
 
 def _static_like(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _writing_into(fn: Callable[[Tensors], Tensors], destinations: Tensors) -> Callable[[Tensors], Tensors]:
+    """``fn`` whose outputs are copied into ``destinations`` (ping-pong buffers, allocated outside any graph) and
+    which returns nothing: the graph's own outputs are then intermediates its pool may reuse."""
+
+    def write(static_in: Tensors) -> Tensors:
+        outs = list(fn(static_in))
+        for i, (dst, out) in enumerate(zip(destinations, outs)):
+            if dst is None or out is None:
+                continue
+            # an output still to be copied that aliases this destination (a block returning its input) is
+            # saved first
+            for k in range(i + 1, len(outs)):
+                if outs[k] is not None and outs[k].data_ptr() == dst.data_ptr():
+                    outs[k] = outs[k].clone()
+            if out.data_ptr() != dst.data_ptr():
+                dst.copy_(out)
+        return []
+
+    return write
 
 
 def _nbytes(tensors: Sequence[Optional[torch.Tensor]]) -> int:
@@ -250,8 +283,11 @@ class BlockGraphs:
     the captures of one prediction share a pool, and replays are checked against the pool's capture order.
     """
 
-    def __init__(self, backend, max_graphs: int = 1024, chain: bool = True):
+    def __init__(self, backend, max_graphs: int = 1024, chain: bool = True, ping_pong: bool = True):
         self.backend = backend
+        # ping_pong: calls that name a slot write their outputs into that slot's buffers (module docstring)
+        self.ping_pong = ping_pong
+        self._slots: Dict[Hashable, torch.Tensor] = {}  # (slot, output position, shape, dtype, device) -> buffer
         self.max_graphs = max_graphs
         # chain: an input that is exactly another graph's static output (block j−1's output on the same lane, in
         # the common case) is read from that buffer rather than copied into one of its own. That halves the
@@ -302,6 +338,7 @@ class BlockGraphs:
         """Forget every graph and pool (the shared buffers stay: they hold no model state)."""
         self._graphs.clear()
         self._outputs.clear()
+        self._slots.clear()
         self.warmed.clear()
         self.backend.forget()
         self.stats.keys.clear()
@@ -310,7 +347,15 @@ class BlockGraphs:
         self._capture_pool = None
         self._last_replayed = {}
 
-    def run(self, key: Hashable, fn: Callable[[Tensors], Tensors], tensors: Tensors, static: Hashable = ()) -> Tensors:
+    def run(self, key: Hashable, fn: Callable[[Tensors], Tensors], tensors: Tensors, static: Hashable = (),
+            slot: Optional[Hashable] = None) -> Tensors:
+        """``slot`` (with ``ping_pong``): (lane, parity), the ping-pong buffer set this call's outputs go to; the
+        caller guarantees that nothing reads that slot's previous outputs after this call (module docstring). The
+        graphs of one lane also share their input buffers (per position and shape) where an input is not another
+        graph's output: row constants (temb, Wan's text stream), a lane's first block, rows rebuilt after a block
+        some rows drop. Each replay refills them before it runs, and no lane state ever lives in one."""
+        if not self.ping_pong:
+            slot = None
         if self.failure is not None:
             self.stats.eager_calls += 1
             return fn(tensors)
@@ -321,7 +366,7 @@ class BlockGraphs:
                 self.stats.eager_calls += 1
                 return fn(tensors)
             try:
-                graph = self._capture(full_key, fn, tensors)
+                graph = self._capture(full_key, fn, tensors, slot)
             except CaptureFailed as e:
                 self._fail(str(e))
                 self.stats.eager_calls += 1
@@ -364,22 +409,37 @@ class BlockGraphs:
             return out
         return None
 
-    def _capture(self, full_key, fn, tensors) -> _Graph:
+    def _capture(self, full_key, fn, tensors, slot: Optional[Hashable] = None) -> _Graph:
         if self._capture_pool is None:
             self._capture_pool = self.backend.new_pool()
             self.stats.pools += 1
         # Outside inference mode: the buffers outlive this call, and a later call outside inference_mode must be
         # able to copy into them (inference tensors refuse in-place updates there). No autograd either way.
         with torch.inference_mode(False), torch.no_grad():
+            destinations = self._slot_buffers(slot, fn, tensors) if slot is not None else None
             static_in, owned = [], []
-            for t in tensors:
+            for position, t in enumerate(tensors):
                 buffer = self._producer_output(t)
-                if buffer is None and t is not None:
+                if buffer is not None and destinations is not None and any(
+                        d is not None and d.data_ptr() == buffer.data_ptr() for d in destinations):
+                    buffer = None  # its own destination (the block before was dropped): reading it while writing
+                if buffer is None and t is not None and destinations is not None:
+                    key = ("lane input", slot[0], position, tuple(t.shape), t.dtype, t.device)
+                    buffer = self._slots.get(key)
+                    if buffer is None:
+                        buffer = self._slots[key] = _static_like(t)
+                        owned.append(buffer)
+                    buffer.copy_(t)
+                elif buffer is None and t is not None:
                     buffer = _static_like(t)
                     buffer.copy_(t)
                     owned.append(buffer)
                 static_in.append(buffer)
-            replay, static_out = self.backend.capture(fn, static_in, self._capture_pool)
+            if destinations is None:
+                replay, static_out = self.backend.capture(fn, static_in, self._capture_pool)
+            else:
+                replay, _ = self.backend.capture(_writing_into(fn, destinations), static_in, self._capture_pool)
+                static_out = destinations
         graph = _Graph(replay, static_in, list(static_out), self._capture_pool, self._captured)
         self._captured += 1
         self._graphs[full_key] = graph
@@ -388,9 +448,25 @@ class BlockGraphs:
                 self._outputs[out.data_ptr()] = out
         self.stats.captures += 1
         self.stats.keys.append(full_key)
-        self.stats.static_bytes += _nbytes(owned) + _nbytes(graph.static_out)
+        self.stats.static_bytes += _nbytes(owned) + (_nbytes(graph.static_out) if destinations is None else 0)
         self.stats.pool_bytes = self.backend.pool_bytes()
         return graph
+
+    def _slot_buffers(self, slot: Hashable, fn, tensors) -> Tensors:
+        """The ping-pong buffers of ``slot`` for ``fn``'s outputs (one per position and shape), allocated at the
+        first graph that needs them; their shapes come from one eager call (the capture runs ``fn`` anyway)."""
+        buffers = []
+        for i, out in enumerate(fn(tensors)):
+            if out is None:
+                buffers.append(None)
+                continue
+            key = (slot, i, tuple(out.shape), out.dtype, out.device)
+            buffer = self._slots.get(key)
+            if buffer is None:
+                buffer = self._slots[key] = _static_like(out)
+                self.stats.static_bytes += _nbytes([buffer])
+            buffers.append(buffer)
+        return buffers
 
     def flat_shared(self, shared: Dict[str, Any]):
         """flatten_shared(shared), computed once per shared dict: every block and lane of a step share one."""

@@ -133,3 +133,36 @@ def test_the_two_modes_agree_within_batch_rounding(family):
     auto = _run(family, config)  # the real clock: either mode, and the same one again
     assert torch.equal(auto, join) or torch.equal(auto, separate)
     assert torch.equal(family(), auto)
+
+
+def test_auto_decides_with_less_than_one_extra_prediction(monkeypatch):
+    """The first call of fork_mode "auto" times one block's calls in each mode, not whole predictions: the block-rows
+    its first call runs beyond the chosen mode's own first call stay under one prediction's (they were six
+    predictions' worth: a warm-up and two timed rounds per mode)."""
+    monkeypatch.setattr(fork_choice, "_CHOSEN", {})
+    monkeypatch.setattr(fork_choice, "MEMORY_SHARE", 1e9)  # tiny rows next to tiny weights: let the clock decide
+    shape = tiny.SD3Shape(num_layers=8)
+    pipe, kw = tiny.sd3_latent_call(4, shape)
+    rows = [0]
+
+    def count(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rows[0] += hidden.shape[0]
+
+    hooks = [b.register_forward_pre_hook(count, with_kwargs=True) for b in pipe.transformer.transformer_blocks]
+    try:
+        first = {}
+        for mode in ("auto", "join", "separate"):
+            s2fast.wrap(pipe, S2Config(omega=0.5, seed=0, fork_mode=mode, cuda_graphs=False))
+            rows[0] = 0
+            pipe(**kw, generator=torch.Generator().manual_seed(0))
+            first[mode] = rows[0]
+            if mode == "auto":
+                chosen = s2fast.api._controller(pipe)._run.memo[("fork_mode", id(pipe.transformer))]
+    finally:
+        for h in hooks:
+            h.remove()
+        s2fast.unwrap(pipe)
+    one_prediction = 3 * shape.num_layers  # [uncond, cond] and a sub-network over every block, batch 1
+    extra = first["auto"] - first[chosen]
+    assert 0 < extra < one_prediction

@@ -159,7 +159,8 @@ def test_chained_inputs_read_the_previous_output_in_place():
 @pytest.mark.parametrize("name", ["sd3", "flux", "dit"])
 def test_chained_and_unchained_graphs_equal_eager_and_chaining_saves_memory(name, fork_mode):
     pipe, kw = _family(name)
-    config = S2Config(omega=0.5, drop_ratio=0.3, num_masks=2, seed=3, fork_mode=fork_mode)
+    # chaining decides the memory where each graph keeps its outputs (ping-pong outputs: tests/test_graphs_ping_pong.py)
+    config = S2Config(omega=0.5, drop_ratio=0.3, num_masks=2, seed=3, fork_mode=fork_mode, graph_outputs="per_block")
     run = lambda: pipe(**kw, num_inference_steps=8, generator=torch.Generator().manual_seed(0)).images  # noqa: E731
     s2fast.wrap(pipe, config)
     eager = run()
