@@ -39,6 +39,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .adapters.base import lora_scale_context, split_lora_scale
+
 logger = logging.getLogger("s2fast")
 
 MEMORY_SHARE = 0.10  # the extra working set a join may hold, as a share of the weights
@@ -117,27 +119,32 @@ def fork_mode_for(model, key: Tuple, run: Callable[[str], object], row_bytes: in
 def block_trial(adapter, model, rows, block_index: int, num_masks: int) -> Callable[[str], object]:
     """``run(mode)``: block ``block_index`` called as the engine calls it after a fork in ``mode``, on the rows'
     embedded state: "join" once at the [uncond, cond] lane's rows plus ``num_masks`` cond copies, "separate" once
-    at the lane's rows and ``num_masks`` times at the cond rows. No prediction is made."""
-    from .adapters.base import lora_scale_context, split_lora_scale
-
+    at the lane's rows and ``num_masks`` times at the cond rows. No prediction is made. The blocks before it run
+    once, untimed, so that the block sees the state it sees in sampling (under context parallelism a block before
+    it may split the tokens)."""
     stacked = rows.stacked() if rows.count > 1 else None
     lane = adapter.embed(model, stacked if stacked is not None else rows.branch(rows.cond_branch))
+    blocks = adapter.blocks(model)
+    _, lora_scale = split_lora_scale(rows.branch(0).get(adapter.attention_kwargs_key))
+    flow = lane.flow
+    with lora_scale_context(model, lora_scale):
+        for earlier in blocks[:block_index]:
+            flow = list(adapter.run_block(earlier, flow, lane.row_consts, lane.shared))
     b = rows.rows_per_branch
     pos = rows.cond_branch if stacked is not None else 0
     take = lambda t: t.narrow(0, pos * b, b)  # noqa: E731
-    cond_flow = [None if t is None else take(t) for t in lane.flow]
+    cond_flow = [None if t is None else take(t) for t in flow]
     cond_consts = [take(t) for t in lane.row_consts]
-    joined_flow = [None if t is None else torch.cat([t] + [take(t)] * num_masks) for t in lane.flow]
+    joined_flow = [None if t is None else torch.cat([t] + [take(t)] * num_masks) for t in flow]
     joined_consts = [torch.cat([t] + [take(t)] * num_masks) for t in lane.row_consts]
-    block = adapter.blocks(model)[block_index]
-    _, lora_scale = split_lora_scale(rows.branch(0).get(adapter.attention_kwargs_key))
+    block = blocks[block_index]
 
     def run(mode: str) -> None:
         with lora_scale_context(model, lora_scale):
             if mode == "join":
                 adapter.run_block(block, joined_flow, joined_consts, lane.shared)
                 return
-            adapter.run_block(block, lane.flow, lane.row_consts, lane.shared)
+            adapter.run_block(block, flow, lane.row_consts, lane.shared)
             for _ in range(num_masks):
                 adapter.run_block(block, cond_flow, cond_consts, lane.shared)
 

@@ -54,15 +54,15 @@ def test_the_rounding_probe_takes_the_dt_device():
 
 
 def test_the_fused_step_passes_the_schedulers_sigmas_device(monkeypatch):
-    import s2fast.kernels
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    import s2fast.fused_step
     from s2fast.fused_step import FusedStep, SchedulerHook
 
     scheduler = FlowMatchEulerDiscreteScheduler()
     scheduler.set_timesteps(4)
     seen = {}
-    monkeypatch.setattr(s2fast.kernels, "guided_flow_step", lambda *a, **k: seen.update(k) or a[0])
+    monkeypatch.setattr(s2fast.fused_step, "guided_flow_step", lambda *a, **k: seen.update(k) or a[0])
     step = FusedStep(SchedulerHook(scheduler), scheduler, torch.device("cpu"), "exact")
     x = torch.zeros(2, 3)
     step.step(scheduler, x, scheduler.timesteps[0], x, None, [], None, 0.0)

@@ -158,7 +158,7 @@ def test_auto_decides_with_less_than_one_extra_prediction(monkeypatch):
             pipe(**kw, generator=torch.Generator().manual_seed(0))
             first[mode] = rows[0]
             if mode == "auto":
-                chosen = s2fast.api._controller(pipe)._run.memo[("fork_mode", id(pipe.transformer))]
+                chosen = s2fast.serving.controller_of(pipe)._run.memo[("fork_mode", id(pipe.transformer))]
     finally:
         for h in hooks:
             h.remove()

@@ -307,13 +307,18 @@ def launch(app, port: int, block: bool):
 
 def load_page(model: str, dtype_name: str, device_name: Optional[str], offload: Optional[str]) -> Page:
     """Load MODEL as ``s2fast generate`` does and set it up once for the page."""
+    from . import build_parser
+    from .families import family_named
     from .generate import prepare
-    from .models import load_pipeline, resolve_device, resolve_dtype
+    from .models import inspect_model, load_pipeline, resolve_device, resolve_dtype
 
+    info = inspect_model(model)  # what MODEL is, before any weights load
+    if family_named(info.class_name).video:
+        raise UserError(f"s2fast ui shows pictures, and {model} is a {info.class_name} (video): use "
+                        "s2fast generate --compare for a side-by-side MP4")
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
-    pipe = load_pipeline(model, dtype)
-    from . import build_parser
+    pipe = load_pipeline(info, dtype)
 
     # the options the family checks at set-up: the command's defaults
     args = build_parser().parse_args(["generate", model, "--prompt", "-", "--out", "-", "--dtype", dtype_name,
