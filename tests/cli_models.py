@@ -7,6 +7,7 @@ import json
 import os
 import string
 
+import pytest
 import torch
 
 from s2fast import tiny
@@ -127,3 +128,10 @@ def save_wan(path: str, **kwargs) -> str:
     pipe.register_modules(tokenizer=t5_tokenizer(), text_encoder=_umt5_encoder(shape.text_dim))
     pipe.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def quiet_and_offline(monkeypatch):
+    """The command's tests: no progress bars in the output, and the hub is never asked (everything is local)."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

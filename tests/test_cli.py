@@ -13,6 +13,7 @@ import cli_models
 import numpy as np
 import pytest
 import torch
+from cli_models import quiet_and_offline  # noqa: F401  (autouse: no progress bars, no hub)
 from PIL import Image
 
 import s2fast
@@ -21,12 +22,6 @@ from s2fast.cli import main, media
 from s2fast.cli.methods import METHODS
 
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(autouse=True)
-def quiet_and_offline(monkeypatch):
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import imageio
 import numpy as np
 import pytest
 import torch
+from cli_models import quiet_and_offline  # noqa: F401  (autouse: no progress bars, no hub)
 from PIL import Image
 from test_cli import cli, error_lines, png, run_json
 
@@ -20,12 +21,6 @@ from s2fast.cli import media
 
 SIZE = ["--height", "32", "--width", "32"]   # Wan: 4 × 4 latents, a multiple of the MP4's 16-pixel blocks
 FRAMES = 5                                   # Wan: 4k + 1; 2 latent frames
-
-
-@pytest.fixture(autouse=True)
-def quiet_and_offline(monkeypatch):
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
