@@ -1,4 +1,6 @@
-"""The cases of benchmarks/test_branch_parallel_cost.py, run by every rank of a 3-rank gloo group (one thread each).
+"""The cases of benchmarks/test_branch_parallel_cost.py, run by every rank of a 3-rank group: gloo on CPU (one
+thread each), or, with S2FAST_BRANCH_BACKEND=nccl, nccl with rank r on GPU r (bf16, SD3-medium at 1024²: the GPU
+suite's branch-parallel-nccl step, on a machine with 3 GPUs).
 
 Rank 0 is the benchmark's own process and times the cases; ranks 1 and 2 run this file as a program and wait for
 rank 0 to broadcast which case to run next (-1: stop). Every case computes one S² (or CFG) step's predictions and
@@ -8,6 +10,7 @@ Eq. 4 on a 24-block SD3-shaped transformer, B = 1, drops (8, 15) (k = 8, d = 2, 
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 
 import torch
@@ -20,7 +23,9 @@ from s2fast.adapters.sd3 import SD3Adapter
 from s2fast.branch_parallel import predict as parallel_predict
 from s2fast.engine import EngineOptions, predict
 
-SHAPE = tiny.BENCH_SD3
+BACKEND = os.environ.get("S2FAST_BRANCH_BACKEND", "gloo")  # "nccl": one GPU per rank
+NCCL = BACKEND == "nccl"
+SHAPE = tiny.SD3_MEDIUM if NCCL else tiny.BENCH_SD3
 L = SHAPE.num_layers
 MASK = (8, 15)
 K, D = min(MASK), len(MASK)
@@ -43,9 +48,11 @@ class Ranks:
 
     def __init__(self):
         torch.set_grad_enabled(False)
-        pipe = tiny.sd3_pipeline(SHAPE, with_vae=False)
-        self.model, self.adapter = pipe.transformer, SD3Adapter()
-        self.rows = BranchRows(self.adapter.batched_inputs, 2, stacked=tiny.sd3_step_inputs(SHAPE))
+        pipe = tiny.sd3_pipeline(SHAPE, with_vae=False, dtype=torch.bfloat16 if NCCL else torch.float32)
+        self.model, self.adapter = pipe.transformer.to(_device()), SD3Adapter()
+        inputs = {k: _placed(v, self.model.dtype if k != "timestep" else None)
+                  for k, v in tiny.sd3_step_inputs(SHAPE).items()}
+        self.rows = BranchRows(self.adapter.batched_inputs, 2, stacked=inputs)
         self.pair = dist.new_group([0, 1])  # every rank of the default group takes part in creating it
         self.rank = dist.get_rank()
 
@@ -67,20 +74,37 @@ class Ranks:
         else:
             reuse = name == "s2-3-ranks-send"
             preds = parallel_predict(a, m, r, [MASK], EngineOptions(reuse_prefix=reuse))
-        return guided_prediction(preds[1], preds[0], preds[2:], LAMBDA, OMEGA)
+        out = guided_prediction(preds[1], preds[0], preds[2:], LAMBDA, OMEGA)
+        if NCCL:
+            torch.cuda.synchronize()  # the time of the step, not of its launch
+        return out
+
+
+def _placed(value, dtype):
+    """``value`` on this rank's device, floating tensors in ``dtype`` (the pipeline passes the timestep in fp32)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(_device(), dtype if dtype is not None and value.is_floating_point() else value.dtype)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if NCCL else torch.device("cpu")
 
 
 def command(index: int) -> int:
     """Rank 0: tell the other ranks the next case (-1: stop); every rank: the case to run."""
-    value = torch.tensor([index], dtype=torch.int64)
+    value = torch.tensor([index], dtype=torch.int64, device=_device())
     dist.broadcast(value, src=0)
     return int(value.item())
 
 
 def init(rank: int, store_path: str) -> None:
-    torch.set_num_threads(1)
+    if NCCL:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)
     store = dist.FileStore(store_path, 3)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=3, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(BACKEND, store=store, rank=rank, world_size=3, timeout=datetime.timedelta(seconds=300))
 
 
 def serve(rank: int, store_path: str) -> None:

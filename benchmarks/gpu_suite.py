@@ -5,8 +5,8 @@
 Steps, in order: the environment (versions, nvidia-smi), the gpu-marked tests, the CUDA extension's build and its
 tests, the fused-step benchmark, the SD3-medium step against its block-row floor, SD3-medium and Flux-dev end to
 end (1024², 28 steps, bf16), the Wan 2.1 steps against their floor, the Qwen-Image and Flux.2-dev steps (1024²)
-against theirs, the fork modes by image size (SD3-medium at 512² and 1024², Flux-dev at 512²), and the profile
-script. Each step runs in a process of its own, with a timeout that
+against theirs, the fork modes by image size (SD3-medium at 512² and 1024², Flux-dev at 512²), branch parallelism
+over nccl (one rank per GPU; listed as not run on a machine with fewer than 3 GPUs), and the profile script. Each step runs in a process of its own, with a timeout that
 never passes the budget; a step that would start with less time left than it needs is not started. Results are
 written after every step, so a run that is stopped still leaves them: suite.json (every step: status, seconds,
 return code, its log file, the benchmark results it wrote) and suite.md (the same as tables), with the steps not run
@@ -45,6 +45,7 @@ class Step:
     results: Optional[str] = None  # a JSON file the step writes (relative to the output folder)
     after: Optional[str] = None    # runs only if this step succeeded
     without_gpu_only: bool = False  # the CPU stand-in of a GPU step: not worth GPU time
+    min_gpus: int = 1               # a GPU step that needs several devices (one rank per GPU)
 
 
 def _pytest(*args: str) -> List[str]:
@@ -76,6 +77,10 @@ def default_steps(out: Path, arch: str = "9.0") -> List[Step]:
              f"families-step/{results}"),
         Step("fork-modes", _pytest("-q", "-s", "benchmarks/test_gpu_pipelines.py", "-k", "fork_modes_by_image_size",
                                    "--benchmark-only"), True, 90, 300, bench("fork-modes"), f"fork-modes/{results}"),
+        # branch parallelism over nccl, one rank per GPU: 1-, 2- and 3-rank cases of an SD3-medium 1024² step
+        Step("branch-parallel-nccl", _pytest("-q", "-s", "benchmarks/test_branch_parallel_cost.py", "--benchmark-only"),
+             True, 90, 300, {"S2FAST_BRANCH_BACKEND": "nccl", **bench("branch-parallel")},
+             f"branch-parallel/{results}", min_gpus=3),
         Step("profile-sd3", [sys.executable, "benchmarks/profile_gpu.py", "--model", "sd3-medium", "--steps", "10",
                              "--out", str(out / "profile-sd3")], True, 45, 150, results="profile-sd3/profile.json"),
         Step("profile-tiny-cpu", [sys.executable, "benchmarks/profile_gpu.py", "--model", "tiny", "--device", "cpu",
@@ -120,6 +125,15 @@ def environment(has_gpu: bool) -> Dict:
         r = subprocess.run([smi], capture_output=True, text=True, timeout=30)
         info["nvidia_smi"] = r.stdout if r.returncode == 0 else f"nvidia-smi failed ({r.returncode}): {r.stderr}"
     return info
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
 
 
 def _gpu_available() -> bool:
@@ -172,7 +186,9 @@ def run_step(step: Step, out: Path, timeout: float) -> Dict:
     return record
 
 
-def run_suite(steps: List[Step], out: Path, budget_s: float, has_gpu: bool) -> Dict:
+def run_suite(steps: List[Step], out: Path, budget_s: float, has_gpu: bool, gpu_count: Optional[int] = None) -> Dict:
+    """Run ``steps`` within ``budget_s``; ``gpu_count``: the CUDA devices (default: 1 where ``has_gpu``)."""
+    gpu_count = (1 if has_gpu else 0) if gpu_count is None else gpu_count
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + budget_s
     report = {"budget_s": budget_s, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -186,6 +202,8 @@ def run_suite(steps: List[Step], out: Path, budget_s: float, has_gpu: bool) -> D
             reason = None
             if step.needs_gpu and not has_gpu:
                 reason = "needs a CUDA device"
+            elif step.needs_gpu and gpu_count < step.min_gpus:
+                reason = f"needs {step.min_gpus} CUDA devices (one rank per GPU), this machine has {gpu_count}"
             elif step.without_gpu_only and has_gpu:
                 reason = "the CPU stand-in of a GPU step, not run where a GPU is"
             elif step.after and done.get(step.after) != "ok":
@@ -275,7 +293,7 @@ def main(argv=None) -> Dict:
     steps = [s for s in steps if (not only or s.name in only) and s.name not in skip]
     # stopped by a timeout (SIGTERM) or Ctrl-C: write what ran and list the rest
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    report = run_suite(steps, out, args.budget, has_gpu)
+    report = run_suite(steps, out, args.budget, has_gpu, _gpu_count() if has_gpu else 0)
     print(markdown(report))
     print(f"written to {out / 'suite.json'} and {out / 'suite.md'}")
     return report

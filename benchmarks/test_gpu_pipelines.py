@@ -24,9 +24,7 @@ from s2fast.reference import three_pass, wrap_three_pass
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="times whole pipelines on a GPU: no CUDA here")
 
 STEPS, ROUNDS = 28, 5
-# SD3-medium: 24 joint blocks, hidden 1536 (24 heads × 64), T5+CLIP context 333 tokens × 4096, 1024² = 128² latents.
-SD3_MEDIUM = tiny.SD3Shape(num_layers=24, heads=24, head_dim=64, latent_size=128, text_tokens=333,
-                           joint_attention_dim=4096, pooled_dim=2048)
+SD3_MEDIUM = tiny.SD3_MEDIUM  # 1024²
 # Flux.1-dev: 19 double + 38 single blocks, hidden 3072 (24 × 128), T5 512 tokens × 4096; 1024² = 64² packed tokens.
 FLUX_DEV = tiny.FluxShape(num_layers=19, num_single_layers=38, heads=24, head_dim=128, latent_size=128,
                           text_tokens=512, joint_attention_dim=4096, pooled_dim=768)

@@ -33,6 +33,10 @@ class SD3Shape:
 # 24 blocks like SD3-medium, hidden 256, 32×32 latents (256 image tokens), 77 text tokens.
 BENCH_SD3 = SD3Shape(num_layers=24, heads=4, head_dim=64, latent_size=32, text_tokens=77,
                      joint_attention_dim=256, pooled_dim=256)
+# SD3-medium itself (GPU timing, random weights): 24 joint blocks, hidden 1536 (24 heads × 64), T5+CLIP context
+# 333 tokens × 4096, 1024² = 128² latents.
+SD3_MEDIUM = SD3Shape(num_layers=24, heads=24, head_dim=64, latent_size=128, text_tokens=333,
+                      joint_attention_dim=4096, pooled_dim=2048)
 
 
 def _vae(latent_channels: int):

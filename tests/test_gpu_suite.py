@@ -40,6 +40,15 @@ def test_cpu_parts_run_and_gpu_steps_are_listed_as_not_run(suite, tmp_path):
     assert "| cpu-step | ok |" in md and "- gpu-tests: needs a CUDA device" in md and report["finished"]
 
 
+def test_a_step_that_needs_more_gpus_than_the_machine_has_is_listed_with_the_reason(suite, tmp_path):
+    step = next(s for s in suite.default_steps(tmp_path) if s.name == "branch-parallel-nccl")
+    assert step.min_gpus == 3 and step.env["S2FAST_BRANCH_BACKEND"] == "nccl"
+    report = suite.run_suite([step], tmp_path, budget_s=60, has_gpu=True, gpu_count=1)
+    assert report["steps"] == []
+    assert report["not_run"][-1] == {"name": "branch-parallel-nccl",
+                                     "reason": "needs 3 CUDA devices (one rank per GPU), this machine has 1"}
+
+
 def test_the_budget_kills_a_long_step_and_skips_what_cannot_fit(suite, tmp_path):
     steps = [_sleeper(suite, "long", 60), _sleeper(suite, "needs-more", 0, min_s=30)]
     report = suite.run_suite(steps, tmp_path, budget_s=suite.RESERVE_S + 2, has_gpu=False)
