@@ -3,6 +3,7 @@ diffusers folders. Each output equals what s2fast.wrap gives on the same pipelin
 PNGs and stills exactly; an MP4, which is lossy, decodes to the same frames as diffusers' export_to_video of the
 library's frames); --compare and resume work for video; a missing video extra is one line."""
 
+import functools
 import json
 import os
 
@@ -31,6 +32,7 @@ def folders(tmp_path_factory):
         "sd3-img2img": cli_models.save_as(sd3, "StableDiffusion3Img2ImgPipeline", str(root / "sd3-img2img")),
         "sd3-inpaint": cli_models.save_as(sd3, "StableDiffusion3InpaintPipeline", str(root / "sd3-inpaint")),
         "flux-img2img": cli_models.save_as(flux, "FluxImg2ImgPipeline", str(root / "flux-img2img")),
+        "kontext": cli_models.save_as(flux, "FluxKontextPipeline", str(root / "kontext")),
         "wan21": cli_models.save_wan(str(root / "wan21")),
         "wan22": cli_models.save_wan(str(root / "wan22"), experts=2, boundary_ratio=0.5),
         "i2v": cli_models.save_wan(str(root / "i2v"), image_to_video=True),
@@ -174,3 +176,35 @@ def test_missing_video_extra_is_one_line_before_loading(tmp_path, monkeypatch, c
     (line,) = error_lines(capsys.readouterr().err)
     assert "pip install s2fast[video]" in line
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.fixture
+def small_kontext(monkeypatch):
+    """Kontext at the test's size. Stock Kontext resizes the input image to the preferred resolution nearest its
+    aspect ratio (PREFERRED_KONTEXT_RESOLUTIONS, all about a megapixel) and the output to ``max_area`` (1024²) at the
+    asked aspect ratio: minutes on a CPU even with tiny models. The module's list becomes one 32 × 32 entry and
+    ``max_area`` defaults to 32², for the command and the library alike (both run in this process); the command
+    still passes what it passes users, and the pipeline still resizes by its own rule."""
+    from diffusers import FluxKontextPipeline
+    from diffusers.pipelines.flux import pipeline_flux_kontext
+
+    monkeypatch.setattr(pipeline_flux_kontext, "PREFERRED_KONTEXT_RESOLUTIONS", [(32, 32)])
+    stock = FluxKontextPipeline.__call__
+
+    @functools.wraps(stock)  # the signature the command reads is the stock one
+    def small_max_area(self, *args, **kwargs):
+        kwargs.setdefault("max_area", 32 * 32)
+        return stock(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxKontextPipeline, "__call__", small_max_area)
+
+
+def test_flux_kontext_takes_an_image_equal_to_wrap(tmp_path, folders, inputs, small_kontext):
+    out = tmp_path / "out"
+    assert cli("generate", folders["kontext"], "--prompt", "a red fox", "--image", inputs["image"], "--steps", "2",
+               "--guidance", "4", "--height", "32", "--width", "32", "--out", out) == 0
+    record = run_json(out)["images"][0]
+    image = library(folders["kontext"], "a red fox", 2, image=Image.open(inputs["image"]).convert("RGB"), height=32,
+                    width=32, true_cfg_scale=4.0, negative_prompt="")  # true CFG, as the command calls Flux
+    assert image.size == (32, 32)
+    np.testing.assert_array_equal(png(out / record["files"]["s2"]), np.asarray(image.convert("RGB")))
