@@ -441,10 +441,18 @@ class Controller:
         between calls); ValueError for what the config asks that it cannot serve."""
         memo = ("context_parallel", id(model))
         if memo not in run.memo:
-            cp = context_parallel.find(self.adapter, model) if binding.has_hooks(model) else None
+            cp = context_parallel.find(self.adapter, model) if self.hooked(run, model) else None
             if cp is not None:
                 refuse_under_context_parallel(cp, self.config, model, self.adapter.num_blocks(model))
             run.memo[memo] = cp
+        return run.memo[memo]
+
+    def hooked(self, run: _Run, model) -> bool:
+        """Whether ``model`` carries any diffusers or accelerate hook at this pipeline call: one walk of its modules
+        per call (context parallelism and the hook check both ask; at a launch-bound shape a walk is ~0.2 ms)."""
+        memo = ("hooked", id(model))
+        if memo not in run.memo:
+            run.memo[memo] = binding.has_hooks(model)
         return run.memo[memo]
 
     def fixed_blocks(self, run: _Run, model) -> Tuple[int, ...]:
@@ -489,9 +497,10 @@ class Controller:
                              for steps in run.schedules.values() for step in steps)
             if run.guided:
                 since_wrap = bool(self.config.subnets_needed())
-                for name, model in models:
-                    refuse_incompatible_hooks(pipe, name, model, since_wrap=since_wrap)
-            elif any(binding.incompatible_hooks(model) for _, model in models):
+                for name, model in models:  # incompatible_hooks walks again, with names, only where a hook is
+                    if self.hooked(run, model):
+                        refuse_incompatible_hooks(pipe, name, model, since_wrap=since_wrap)
+            elif any(self.hooked(run, model) and binding.incompatible_hooks(model) for _, model in models):
                 run.stock_forward = True
             self._run = run
         return self._run
