@@ -40,9 +40,9 @@ def block_calls(num_blocks: int, subnets, fork_mode: str, reuse_prefix: bool = T
 
 
 def call_counts(call) -> dict:
-    """Counts that do not drift with the machine's load, for one (steady-state) call: aten ops (a dispatch mode) and
-    Python function calls (sys.setprofile). A change in either between commits is a change in the work; wall time
-    on a shared machine cannot show a 5 % regression, these can (docs/PERFORMANCE.md §15)."""
+    """Counts that do not drift with the machine's load, for one (steady-state) call: aten ops (a dispatch mode),
+    Python function calls and Python + C calls (sys.setprofile). A change in any between commits is a change in the
+    work; wall time on a shared machine cannot show a 5 % regression, these can (docs/PERFORMANCE.md §15)."""
     import sys
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -56,18 +56,20 @@ def call_counts(call) -> dict:
 
     with Ops():
         call()
-    calls = [0]
+    calls = {"call": 0, "c_call": 0}
 
     def profile(frame, event, arg):
-        if event == "call":
-            calls[0] += 1
+        if event in calls:
+            calls[event] += 1
 
     sys.setprofile(profile)
     try:
         call()
     finally:
         sys.setprofile(None)
-    return {"aten_ops": float(Ops.count), "py_calls": float(calls[0])}
+    # Python + C calls also count builtins (list.extend, dict.get: what a module walk is made of)
+    return {"aten_ops": float(Ops.count), "py_calls": float(calls["call"]),
+            "py_c_calls": float(calls["call"] + calls["c_call"])}
 
 
 def _floors(trace, num_blocks, fork_mode):
