@@ -6,12 +6,12 @@ Steps, in order: the environment (versions, nvidia-smi), the gpu-marked tests, t
 tests, the fused-step benchmark, the SD3-medium step against its block-row floor, SD3-medium and Flux-dev end to
 end (1024², 28 steps, bf16), the Wan 2.1 steps against their floor, the Qwen-Image and Flux.2-dev steps (1024²)
 against theirs, the fork modes by image size (SD3-medium at 512² and 1024², Flux-dev at 512²), branch parallelism
-over nccl (one rank per GPU; listed as not run on a machine with fewer than 3 GPUs), and the profile script.
-Each step runs in a process of its own, with a timeout that never passes the budget; a step that would start
-with less time left than it needs is not started. Results are written after every step, so a run that is stopped still leaves them: suite.json (every step: status, seconds,
-return code, its log file, the benchmark results it wrote) and suite.md (the same as tables), with the steps not run
-and why. Without a GPU the GPU steps are listed as not run and the CPU-capable ones (the environment, the profile
-script on the tiny model) run.
+over nccl (one rank per GPU; listed as not run on a machine with fewer than 3 GPUs), and the profile script. Each
+step runs in a process of its own, with a timeout that never passes the budget; a step that would start with less
+time left than it needs is not started. Results are written after every step, so a run that is stopped still leaves
+them: suite.json (every step: status, seconds, return code, its log file, the benchmark results it wrote) and
+suite.md (the same as tables), with the steps not run and why. Without a GPU the GPU steps are listed as not run
+and the CPU-capable ones (the environment, the profile script on the tiny model) run.
 """
 
 from __future__ import annotations
