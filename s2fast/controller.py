@@ -460,14 +460,19 @@ class Controller:
         return cp.fixed_blocks if cp is not None else ()
 
     def share_seed(self, run: _Run, models) -> None:
-        """A seed drawn for this call (the config's is None), made the same on every rank of the first context-
-        parallel mesh among ``models``: ranks that drew their own masks would wait in collectives forever."""
+        """A seed drawn for this call (the config's is None), made the same on every rank that shares the sample:
+        the default group under branch parallelism, else the first context-parallel mesh among ``models``. Ranks
+        that drew their own masks would wait in collectives forever."""
         if getattr(self.config, "seed", None) is not None or run.memo.get("seed_shared"):
             return
         run.memo["seed_shared"] = True
-        cp = next((cp for cp in (self.context_parallel(run, m) for m in models) if cp is not None), None)
-        if cp is not None:
-            run.seed = distributed.shared_seed(None, lambda: run.seed, cp.group)
+        if getattr(self.config, "branch_parallel", False):
+            group = torch.distributed.group.WORLD
+        else:
+            cp = next((cp for cp in (self.context_parallel(run, m) for m in models) if cp is not None), None)
+            group = cp.group if cp is not None else None
+        if group is not None:
+            run.seed = distributed.shared_seed(None, lambda: run.seed, group)
             run.schedules.clear()
 
     def _plan_config(self, cp):
@@ -484,13 +489,10 @@ class Controller:
             # are refused.
             n = len(timesteps)
             seed = getattr(self.config, "seed", None)
-            if seed is None:
-                seed = mask_sampling.fresh_seed()
-                if self.config.branch_parallel:  # every rank must draw the same masks: rank 0's seed
-                    seed = distributed.shared_seed(None, lambda: seed, torch.distributed.group.WORLD)
+            seed = seed if seed is not None else mask_sampling.fresh_seed()
             run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, timesteps))
             models = self.denoiser_models(pipe)
-            self.share_seed(run, [model for _, model in models])  # under context parallelism: rank 0's seed
+            self.share_seed(run, [model for _, model in models])  # ranks that share the sample: rank 0's seed
             for _, model in models:
                 run.guidance(self.config, 0, self.state(model).num_blocks, self.fixed_blocks(run, model))
             run.guided = any(step.subnets or not step.uncond or step.guidance_offset != 0
