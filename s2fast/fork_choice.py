@@ -121,25 +121,31 @@ def block_trial(adapter, model, rows, block_index: int, num_masks: int) -> Calla
     embedded state: "join" once at the [uncond, cond] lane's rows plus ``num_masks`` cond copies, "separate" once
     at the lane's rows and ``num_masks`` times at the cond rows. No prediction is made. The blocks before it run
     once, untimed, so that the block sees the state it sees in sampling (under context parallelism a block before
-    it may split the tokens)."""
-    stacked = rows.stacked() if rows.count > 1 else None
-    lane = adapter.embed(model, stacked if stacked is not None else rows.branch(rows.cond_branch))
-    blocks = adapter.blocks(model)
+    it may split the tokens). Nothing runs before the first ``run``: where the choice is already known (every call
+    after the first), the trial costs nothing."""
     _, lora_scale = split_lora_scale(rows.branch(0).get(adapter.attention_kwargs_key))
-    flow = lane.flow
-    with lora_scale_context(model, lora_scale):
-        for earlier in blocks[:block_index]:
-            flow = list(adapter.run_block(earlier, flow, lane.row_consts, lane.shared))
-    b = rows.rows_per_branch
-    pos = rows.cond_branch if stacked is not None else 0
-    take = lambda t: t.narrow(0, pos * b, b)  # noqa: E731
-    cond_flow = [None if t is None else take(t) for t in flow]
-    cond_consts = [take(t) for t in lane.row_consts]
-    joined_flow = [None if t is None else torch.cat([t] + [take(t)] * num_masks) for t in flow]
-    joined_consts = [torch.cat([t] + [take(t)] * num_masks) for t in lane.row_consts]
-    block = blocks[block_index]
+    inputs = []  # filled once, at the first run
+
+    def prepare():
+        stacked = rows.stacked() if rows.count > 1 else None
+        lane = adapter.embed(model, stacked if stacked is not None else rows.branch(rows.cond_branch))
+        blocks = adapter.blocks(model)
+        flow = lane.flow
+        with lora_scale_context(model, lora_scale):
+            for earlier in blocks[:block_index]:
+                flow = list(adapter.run_block(earlier, flow, lane.row_consts, lane.shared))
+        b = rows.rows_per_branch
+        pos = rows.cond_branch if stacked is not None else 0
+        take = lambda t: t.narrow(0, pos * b, b)  # noqa: E731
+        joined = ([None if t is None else torch.cat([t] + [take(t)] * num_masks) for t in flow],
+                  [torch.cat([t] + [take(t)] * num_masks) for t in lane.row_consts])
+        cond = ([None if t is None else take(t) for t in flow], [take(t) for t in lane.row_consts])
+        inputs.extend([blocks[block_index], lane, flow, joined, cond])
 
     def run(mode: str) -> None:
+        if not inputs:
+            prepare()
+        block, lane, flow, (joined_flow, joined_consts), (cond_flow, cond_consts) = inputs
         with lora_scale_context(model, lora_scale):
             if mode == "join":
                 adapter.run_block(block, joined_flow, joined_consts, lane.shared)

@@ -159,6 +159,9 @@ def test_auto_decides_with_less_than_one_extra_prediction(monkeypatch):
             first[mode] = rows[0]
             if mode == "auto":
                 chosen = s2fast.serving.controller_of(pipe)._run.memo[("fork_mode", id(pipe.transformer))]
+                rows[0] = 0
+                pipe(**kw, generator=torch.Generator().manual_seed(0))
+                steady = rows[0]
     finally:
         for h in hooks:
             h.remove()
@@ -166,3 +169,6 @@ def test_auto_decides_with_less_than_one_extra_prediction(monkeypatch):
     one_prediction = 3 * shape.num_layers  # [uncond, cond] and a sub-network over every block, batch 1
     extra = first["auto"] - first[chosen]
     assert 0 < extra < one_prediction
+    # a later call knows the choice and runs no trial: not even the blocks before the trial's block (it used to run
+    # them at every call, 2 block-rows a call here, before looking the choice up)
+    assert steady == first[chosen]
