@@ -4,6 +4,8 @@
     s2fast.wrap(pipe, cfg)     # the pipeline's own call now samples with S²-Guidance
     s2fast.trace(pipe)         # the masks of the last call
     s2fast.trace_denoisers(pipe)   # beside it: which expert ran each step (Wan 2.2's two)
+    s2fast.wrap(pipe, s2fast.S2Config(cache=s2fast.BlockCache(threshold=0.05)))   # a step cache over every lane
+    s2fast.trace_steps(pipe)   # per step: blocks "full" or "cached", the correction computed, reused or none
     s2fast.unwrap(pipe)        # restores the pipeline exactly
     s2fast.wrap(pipe, s2fast.SGGConfig())   # segmented guidance: CFG, then skip-layer guidance
     s2fast.register_adapter(MyPipeline, MyAdapter)   # teach wrap another pipeline class
@@ -18,6 +20,8 @@ import sys as _sys
 
 from .config import S2Config
 from .sgg import SGGConfig
+from .step_cache import BlockCache
+from .step_trace import StepRecord
 
 
 def _kernels_of_this_checkout() -> None:
@@ -44,12 +48,13 @@ def _kernels_of_this_checkout() -> None:
 _kernels_of_this_checkout()
 
 __version__ = "0.1.0"
-__all__ = ["S2Config", "SGGConfig", "wrap", "unwrap", "trace", "trace_denoisers", "config_of", "graph_stats",
-           "register_adapter", "S2Guidance", "SGGGuidance", "__version__"]
+__all__ = ["S2Config", "SGGConfig", "BlockCache", "StepRecord", "wrap", "unwrap", "trace", "trace_steps",
+           "trace_denoisers", "config_of", "graph_stats", "register_adapter", "S2Guidance", "SGGGuidance",
+           "__version__"]
 
 
 def __getattr__(name):
-    if name in ("wrap", "unwrap", "trace", "trace_denoisers", "graph_stats", "config_of"):
+    if name in ("wrap", "unwrap", "trace", "trace_steps", "trace_denoisers", "graph_stats", "config_of"):
         from . import api
 
         return getattr(api, name)

@@ -1,4 +1,4 @@
-"""The public entry points: wrap, unwrap, trace, trace_denoisers, config_of, graph_stats."""
+"""The public entry points: wrap, unwrap, trace, trace_steps, trace_denoisers, config_of, graph_stats."""
 
 from __future__ import annotations
 
@@ -79,6 +79,16 @@ def trace(pipe) -> Tuple:
     if controller is None:
         raise ValueError("s2fast.trace: this pipeline is not wrapped (call s2fast.wrap(pipe, config) first)")
     return controller.trace()
+
+
+def trace_steps(pipe) -> Tuple:
+    """Beside :func:`trace`: what each step of the last call ran, one :class:`s2fast.step_trace.StepRecord` per
+    step (None for a step that did not run): ``blocks`` "full" or "cached" (a BlockCache skipped the blocks after
+    its probe), ``correction`` "computed", "reused" or "none" (no sub-network that step)."""
+    controller = controller_of(pipe)
+    if controller is None:
+        raise ValueError("s2fast.trace_steps: this pipeline is not wrapped (call s2fast.wrap(pipe, config) first)")
+    return controller.trace_steps()
 
 
 def trace_denoisers(pipe) -> Tuple:

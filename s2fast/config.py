@@ -7,6 +7,8 @@ import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Sequence, Tuple, Union
 
+from .step_cache import BlockCache
+
 # One sub-network: the sorted block indices it drops.
 Mask = Tuple[int, ...]
 # One step: () for "S² off", a Mask (num_masks == 1), or a tuple of num_masks Masks (naive S², Eq. 3).
@@ -37,6 +39,7 @@ class EngineSettings:
     attention: str = "default"
     compile_blocks: Optional[str] = None
     branch_parallel: bool = False
+    cache: Optional[BlockCache] = None
 
     def _check_engine(self) -> None:
         """Validate the engine fields (ValueError naming ``<Config>.<field>``); numpy bools become bools."""
@@ -61,6 +64,11 @@ class EngineSettings:
             raise ValueError(f"{owner}.attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.step_mode not in STEP_MODES:
             raise ValueError(f"{owner}.step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
+        if self.cache is not None and not isinstance(self.cache, BlockCache):
+            raise ValueError(f"{owner}.cache must be None or an s2fast.BlockCache, got {type(self.cache).__name__}")
+        if self.cache is not None and self.branch_parallel:
+            raise ValueError(f"{owner}: cache and branch_parallel cannot be combined (the ranks would each decide "
+                             "which steps to cache from rows only one of them holds)")
 
     def __repr__(self) -> str:  # the method's own fields first, then the engine's (dataclass order is base first)
         names = [f.name for f in fields(self) if f.name not in ENGINE_FIELDS] + list(ENGINE_FIELDS)
@@ -180,6 +188,11 @@ class S2Config(EngineSettings):
             seed. ``False`` (default) runs in one process. Refused at wrap (ValueError) without an initialised
             group, with other than 2 or 3 ranks, with ``num_masks > 1``, ``cuda_graphs=True`` or ``attention=
             "fastest"``; the modular guiders do not take it.
+        cache: an :class:`s2fast.BlockCache`, a step cache over every lane (uncond, cond and the sub-network):
+            steps whose early blocks barely changed the cond rows since the last full step skip the remaining
+            blocks and add each lane's own residual from that step (s2fast/step_cache.py). Changes the output, like
+            every step cache; ``None`` (default) caches nothing. ``probe_blocks`` must stay below the first
+            droppable block (checked here).
     """
 
     omega: float = 0.25
@@ -213,6 +226,9 @@ class S2Config(EngineSettings):
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
         self._check_engine()
+        if self.cache is not None:
+            droppable = next(b for b in range(len(self.protected_blocks) + 1) if b not in self.protected_blocks)
+            self.cache.check_first_droppable(droppable, "S2Config", "protected_blocks leaves block")
         if self.sigma_interval is not None:
             object.__setattr__(self, "sigma_interval", _sigma_interval(self.sigma_interval))
             if self.masks is not None or self.interval != (0.0, 1.0):
@@ -230,6 +246,9 @@ class S2Config(EngineSettings):
             entries = enumerate(_as_sequence("masks", self.masks))
             steps = tuple(_step_masks(i, entry, self.num_masks) for i, entry in entries)
             object.__setattr__(self, "masks", tuple(public_step_form(s, self.num_masks) for s in steps))
+            dropped = [b for step in steps for mask in step for b in mask]
+            if self.cache is not None and dropped:
+                self.cache.check_first_droppable(min(dropped), "S2Config", "masks drop block")
 
     def replace(self, **changes) -> "S2Config":
         """A copy with some fields changed (validated like the original)."""
@@ -259,6 +278,8 @@ class S2Config(EngineSettings):
         """Validate the block indices against a model with ``num_blocks`` blocks (called by wrap). A sub-network
         keeps at least one block, sampled or explicit (s2fast.masks.num_dropped), so a model where every block is
         protected, or that has a single block, has nothing a mask may drop."""
+        if self.cache is not None:
+            self.cache.check_blocks(num_blocks, "S2Config")
         for b in self.protected_blocks:
             if b >= num_blocks:
                 raise ValueError(f"S2Config.protected_blocks names block {b}, but the model has {num_blocks} blocks")

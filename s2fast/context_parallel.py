@@ -130,6 +130,9 @@ def refusals(cp: ContextParallel, config, num_blocks: int) -> List[str]:
     found = []
     if getattr(config, "cuda_graphs", None) is True:
         found.append(GRAPHS_REFUSAL)
+    if getattr(config, "cache", None) is not None:
+        found.append("a BlockCache decides each step from the cond rows, which context parallelism splits over the "
+                     "ranks: each would decide from its own shard (use cache=None)")
     if cp.root_split is not None and any(
             getattr(e, "split_output", False) for entry in cp.root_split.metadata.values()
             for e in (entry if isinstance(entry, (list, tuple)) else [entry])):

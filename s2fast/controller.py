@@ -30,6 +30,8 @@ from .kernels import guided_prediction
 from .kernels.dispatch import log_once
 from .plan import StepGuidance
 from .serving import serving_controller
+from .step_cache import CacheStore, StepCache
+from .step_trace import StepRecord
 
 logger = logging.getLogger("s2fast")
 
@@ -82,6 +84,10 @@ class _Run:
     # its first transformer call.
     guided: bool = True
     stock_forward: Optional[bool] = None
+    # BlockCache (s2fast/step_cache.py): one residual store per denoiser model (Wan 2.2's experts keep their own),
+    # living as long as this call; and what each step ran (s2fast.trace_steps)
+    stores: Dict[int, CacheStore] = field(default_factory=dict)
+    records: List[Optional[StepRecord]] = field(default_factory=list)
 
     def guidance(self, config, step: int, num_blocks: int, fixed_blocks: Tuple[int, ...] = ()) -> StepGuidance:
         """This step's plan for a denoiser of ``num_blocks`` blocks (experts may differ in block count);
@@ -224,9 +230,9 @@ class Controller:
         return self.clone()
 
     # --- graphs and attention ---------------------------------------------------------------------------------
-    def options(self, state: _Denoiser, fork_mode: str) -> EngineOptions:
+    def options(self, state: _Denoiser, fork_mode: str, cache: Optional[StepCache] = None) -> EngineOptions:
         c = self.config
-        return EngineOptions(c.batch_branches, c.reuse_prefix, fork_mode, state.graphs)
+        return EngineOptions(c.batch_branches, c.reuse_prefix, fork_mode, state.graphs, cache)
 
     def _fork_mode(self, model, state: _Denoiser, run: _Run, rows) -> str:
         """The fork mode of this call: the config's, or "auto"'s choice for these inputs (s2fast/fork_choice.py:
@@ -346,12 +352,15 @@ class Controller:
                                "the one s2fast supports")
         request = self.adapter.request(pipe, call_locals, inputs, run.memo)
         guidance = run.guidance(self.config, step, state.num_blocks, self.fixed_blocks(run, model))
-        d, predictions = self._guided(pipe, model, state, run, call_locals, request, guidance)
+        denoiser = self.adapter.denoiser_called(pipe, call_locals, model)
+        cache = self._step_cache(run, model, step, denoiser)
+        d, predictions = self._guided(pipe, model, state, run, call_locals, request, guidance, cache)
         if request.finish is not None:  # the pipeline's post-processing, with the true cond (StepRequest.finish)
             part = request.guided_part or (lambda p: p)
             d = request.finish(d, part(predictions[request.cond_branch]))
         run.trace[step] = guidance.subnets
-        run.denoisers[step] = self.adapter.denoiser_called(pipe, call_locals, model)
+        run.denoisers[step] = denoiser
+        run.records[step] = step_record(guidance, cache)
         run.steps_served += 1
         run.follow_up = _FollowUp(step, d, request.follow_ups) if request.follow_ups else None
         return request.respond(d, predictions)
@@ -373,11 +382,24 @@ class Controller:
         step = self.adapter.step_index(call_locals, run.steps_served)
         if 0 <= step < run.steps:
             run.denoisers[step] = self.adapter.denoiser_called(pipe, call_locals, model)
+        if 0 <= step < run.steps:
+            run.records[step] = StepRecord("full", "none")
         run.steps_served += 1  # counts calls here; only adapters with one call a step (DiT) index steps by it
         return type(model).forward(model, *args, **kwargs)
 
+    def _step_cache(self, run: _Run, model, step: int, denoiser: Optional[str]) -> Optional[StepCache]:
+        """This step's BlockCache state, or None without a cache. The first and last steps, the warm-up steps and a
+        step whose denoiser differs from the last step's (an expert switch) run fully whatever the change."""
+        cache = getattr(self.config, "cache", None)
+        if cache is None:
+            return None
+        store = run.stores.setdefault(id(model), CacheStore())
+        forced = (step == 0 or step >= run.steps - 1 or step < cache.warmup_steps
+                  or run.denoisers[step - 1] != denoiser)
+        return StepCache(cache, store, may_cache=not forced)
+
     def _guided(self, pipe, model, state: _Denoiser, run: _Run, call_locals: PipelineLocals, request: StepRequest,
-                guidance: StepGuidance):
+                guidance: StepGuidance, cache: Optional[StepCache] = None):
         """(D, the predictions for ``request.respond``) for this step; with the fused step, x_{t−1} too (stashed for
         the scheduler's step). A step whose plan has no uncond rows computes the cond rows only, and the cond
         prediction stands in the uncond branch's place for ``respond``."""
@@ -385,7 +407,7 @@ class Controller:
         with_uncond = rows.count == 2 and guidance.uncond
         if rows.count == 2 and not with_uncond:
             rows = rows.only(request.cond_branch)
-        preds = self.predictions(model, state, run, rows, guidance.subnets)
+        preds = self.predictions(model, state, run, rows, guidance.subnets, cache)
         if rows is not request.rows:  # [cond, subs...] -> the request's branches, cond in the uncond slot too
             preds = [preds[0]] * request.rows.count + list(preds[1:])
         part = request.guided_part or (lambda p: p)
@@ -408,7 +430,8 @@ class Controller:
             d = (request.combine or guided_prediction)(cond, uncond, subs, scale, guidance.omega)
         return d, preds
 
-    def predictions(self, model, state: _Denoiser, run: _Run, rows, subnets) -> List[torch.Tensor]:
+    def predictions(self, model, state: _Denoiser, run: _Run, rows, subnets,
+                    cache: Optional[StepCache] = None) -> List[torch.Tensor]:
         """The engine's predictions of ``rows`` (each branch) and ``subnets`` (each sub-network of the cond branch)
         under the config's engine options: block graphs, the attention backend and the fork mode decided here.
         Under context parallelism every branch's rows are split as the plan splits the model's own inputs, and the
@@ -430,7 +453,7 @@ class Controller:
                 graphs.ping_pong = self.config.graph_outputs == "ping_pong"
                 graphs.variant = (backend, self.config.compile_blocks, self.config.graph_outputs)
                 self._warm_up(model, state, rows, key, fork_mode)
-            predictions = self.predictor(self.adapter, model, rows, subnets, self.options(state, fork_mode))
+            predictions = self.predictor(self.adapter, model, rows, subnets, self.options(state, fork_mode, cache))
         if cp is not None and cp.root_gather is not None:
             predictions = [context_parallel.gather_prediction(cp, model, p) for p in predictions]
         return predictions
@@ -490,13 +513,16 @@ class Controller:
             n = len(timesteps)
             seed = getattr(self.config, "seed", None)
             seed = seed if seed is not None else mask_sampling.fresh_seed()
-            run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, timesteps))
+            run = _Run(timesteps, n, [()] * n, [None] * n, seed=seed, sigmas=call_sigmas(self.config, pipe, timesteps),
+                       records=[None] * n)
             models = self.denoiser_models(pipe)
             self.share_seed(run, [model for _, model in models])  # ranks that share the sample: rank 0's seed
             for _, model in models:
                 run.guidance(self.config, 0, self.state(model).num_blocks, self.fixed_blocks(run, model))
-            run.guided = any(step.subnets or not step.uncond or step.guidance_offset != 0
-                             for steps in run.schedules.values() for step in steps)
+            # a cache changes the result too: such a call is never stock's
+            run.guided = getattr(self.config, "cache", None) is not None or any(
+                step.subnets or not step.uncond or step.guidance_offset != 0
+                for steps in run.schedules.values() for step in steps)
             if run.guided:
                 since_wrap = bool(self.config.subnets_needed())
                 for name, model in models:  # incompatible_hooks walks again, with names, only where a hook is
@@ -511,6 +537,9 @@ class Controller:
         steps = self._run.trace if self._run is not None else []
         return tuple(public_step_form(step, plan.num_masks(self.config)) for step in steps)
 
+    def trace_steps(self) -> Tuple[Optional[StepRecord], ...]:
+        return tuple(self._run.records) if self._run is not None else ()
+
     def trace_denoisers(self) -> Tuple[Optional[str], ...]:
         return tuple(self._run.denoisers) if self._run is not None else ()
 
@@ -519,6 +548,18 @@ class Controller:
         if not stats:
             return None
         return {k: sum(s[k] for s in stats) for k in stats[0]}
+
+
+def step_record(guidance: StepGuidance, cache: Optional[StepCache]) -> StepRecord:
+    """What a step ran, for s2fast.trace_steps: its blocks, and its correction (the sub-network term)."""
+    cached = cache is not None and cache.cached
+    if not guidance.subnets:
+        correction = "none"
+    elif cached and not cache.recompute_subnets:
+        correction = "reused"  # the sub-network rows took the last full step's residual
+    else:
+        correction = "computed"
+    return StepRecord("cached" if cached else "full", correction)
 
 
 def call_sigmas(config, pipe, timesteps) -> Optional[List[float]]:
@@ -572,10 +613,13 @@ def refuse_incompatible_hooks(pipe, name: str, model, since_wrap: bool = False) 
     found = binding.incompatible_hooks(model)
     if found:
         when = " (added after s2fast.wrap)" if since_wrap else ""
-        hint = " (a cache: transformer.disable_cache())" if any("(a cache)" in f for f in found) else ""
+        cache = any("(a cache)" in f for f in found)
+        hint = " (a cache: transformer.disable_cache())" if cache else ""
+        instead = (". For a step cache under S² use s2fast's own, which keeps a residual per branch and "
+                   "sub-network: S2Config(cache=s2fast.BlockCache(threshold=...))") if cache else ""
         raise ValueError(
             f"s2fast cannot run S² under what is on {type(pipe).__name__}.{name}{when}: " + "; ".join(found)
-            + f". Remove it{hint}, or s2fast.unwrap the pipeline to use it")
+            + f". Remove it{hint}, or s2fast.unwrap the pipeline to use it{instead}")
 
 
 def refuse_under_context_parallel(cp, config, model, num_blocks: int) -> None:
@@ -591,6 +635,8 @@ def check_attachable(adapter, config: S2Config, pipe, name: str, model, graph_ba
     needed = config.subnets_needed()
     if needed is not False:  # the config names blocks this model lacks: wrong for every call that uses them
         config.check_blocks(adapter.num_blocks(model))
+    elif getattr(config, "cache", None) is not None:  # a cache serves calls without a sub-network too
+        config.cache.check_blocks(adapter.num_blocks(model), type(config).__name__)
     if needed:  # otherwise per call, for the calls that need a sub-network (Controller._run_for)
         refuse_incompatible_hooks(pipe, name, model)
     cp = context_parallel.find(adapter, model) if binding.has_hooks(model) else None

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .adapters.base import BranchRows, FamilyAdapter, LaneState, lora_scale_context, split_lora_scale
 from .graphs import BlockGraphs
+from .step_cache import Role, StepCache, role
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class EngineOptions:
     reuse_prefix: bool = True
     fork_mode: str = "separate"
     graphs: Optional[BlockGraphs] = None  # block graphs (s2fast/graphs.py); None runs every block eagerly
+    cache: Optional[StepCache] = None     # this step's BlockCache state (s2fast/step_cache.py); None: no cache
 
 
 @dataclass
@@ -87,7 +89,14 @@ def _predict(adapter, model, rows: BranchRows, subnets, options: EngineOptions) 
     # with ping-pong graph outputs the cond lane overwrites its block k−1 output two blocks later: a separate
     # sub-network lane must start from a copy, not a view (s2fast/graphs.py)
     copy_fork = options.graphs is not None and options.graphs.ping_pong
+    cache = options.cache
+    probe = _Probe(lanes, rows, len(subnets), b) if cache is not None else None
     for j, block in enumerate(blocks):
+        if probe is not None and j == cache.probe_blocks:
+            pending = [output for _, output, _ in forks]  # sub-networks not forked yet: their rows are the cond rows
+            if probe.decide(cache, lanes, pending):
+                return _cached_predictions(adapter, model, blocks, lanes, rows, subnets, pending, options, probe)
+            probe.snapshot(lanes, pending)
         while forks and forks[0][0] == j:
             _, output, drops = forks.pop(0)
             _fork(lanes, cond_output, b, _Group(output, drops), joined, copy_fork)
@@ -98,6 +107,107 @@ def _predict(adapter, model, rows: BranchRows, subnets, options: EngineOptions) 
         out = adapter.head(model, lane.state)
         for g, group in enumerate(lane.groups):
             predictions[group.output] = out.narrow(0, g * b, b)
+    if probe is not None:
+        probe.keep(cache, lanes)
+    return predictions
+
+
+class _Probe:
+    """A step under a BlockCache (s2fast/step_cache.py): the cond rows at block 0, the decision after the probe
+    blocks, and each group's rows there (h_n, copied: graph outputs are overwritten before the step ends), from
+    which a full step's residuals are taken."""
+
+    def __init__(self, lanes: List[_Lane], rows: BranchRows, num_subnets: int, b: int):
+        self.b, self.count, self.cond = b, rows.count, rows.cond_branch
+        self.roles = [role(o, rows.count, rows.cond_branch) for o in range(rows.count + num_subnets)]
+        self.start = self.cond_rows(lanes)[0].clone()  # h_0 of the cond rows (flow slot 0: the hidden states)
+        self.at_probe: Dict[int, List[Optional[torch.Tensor]]] = {}
+        self.residual: Optional[torch.Tensor] = None
+        self.signature = None
+
+    def cond_rows(self, lanes: List[_Lane]) -> List[Optional[torch.Tensor]]:
+        return self.group_rows(lanes, self.cond)
+
+    def group_rows(self, lanes: List[_Lane], output: int) -> List[Optional[torch.Tensor]]:
+        for lane in lanes:
+            for g, group in enumerate(lane.groups):
+                if group.output == output:
+                    return [None if t is None else t.narrow(0, g * self.b, self.b) for t in lane.state.flow]
+        raise LookupError(output)
+
+    def decide(self, cache: StepCache, lanes: List[_Lane], pending: List[int]) -> bool:
+        cond = self.cond_rows(lanes)
+        self.residual = cond[0] - self.start
+        self.signature = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in cond)
+        needed = [r for r, o in zip(self.roles, range(len(self.roles)))
+                  if o < self.count or not cache.recompute_subnets]
+        return cache.decide(self.residual, needed, self.signature)
+
+    def rows_at_probe(self, lanes: List[_Lane], output: int, pending: List[int]) -> List[Optional[torch.Tensor]]:
+        return self.group_rows(lanes, self.cond if output in pending else output)
+
+    def snapshot(self, lanes: List[_Lane], pending: List[int]) -> None:
+        for output in range(len(self.roles)):
+            self.at_probe[output] = [None if t is None else t.clone()
+                                     for t in self.rows_at_probe(lanes, output, pending)]
+
+    def keep(self, cache: StepCache, lanes: List[_Lane]) -> None:
+        """After a full step: each group's residual over the skippable blocks (output minus its rows at the probe;
+        None for a flow slot no later block reads)."""
+        residuals: Dict[Role, List[Optional[torch.Tensor]]] = {}
+        for output, r in enumerate(self.roles):
+            final = self.group_rows(lanes, output)
+            residuals[r] = [None if new is None or old is None else new - old
+                            for new, old in zip(final, self.at_probe[output])]
+        cache.keep(self.residual, residuals, self.signature)
+
+
+def _plus(rows: List[Optional[torch.Tensor]], residual: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+    return [None if r is None or t is None else t + r for t, r in zip(rows, residual)]
+
+
+def _cached_predictions(adapter, model, blocks, lanes: List[_Lane], rows: BranchRows, subnets, pending: List[int],
+                        options: EngineOptions, probe: _Probe) -> List[torch.Tensor]:
+    """A cached step: every group takes its rows at the probe plus its stored residual (the sub-networks too,
+    unless BlockCache.subnet is "recompute": then each runs alone, on its own mask, over the blocks after the
+    probe, forked from its rows there), and the head runs per lane as in a full step."""
+    cache, b, n = options.cache, probe.b, options.cache.probe_blocks
+    store = cache.store.residuals
+    predictions: List[Optional[torch.Tensor]] = [None] * len(probe.roles)
+    recompute = [o for o in range(rows.count, len(probe.roles))] if cache.recompute_subnets else []
+    for lane in lanes:
+        keep = [g for g in lane.groups if g.output not in recompute]
+        if not keep:
+            continue
+        parts = [_plus(probe.group_rows(lanes, g.output), store[probe.roles[g.output]]) for g in keep]
+        flow = [None if any(p[s] is None for p in parts) else torch.cat([p[s] for p in parts]) if len(parts) > 1
+                else parts[0][s] for s in range(len(lane.state.flow))]
+        index = [lane.groups.index(g) for g in keep]
+        consts = lane.state.row_consts if len(keep) == len(lane.groups) else [
+            torch.cat([t.narrow(0, i * b, b) for i in index]) for t in lane.state.row_consts]
+        out = adapter.head(model, LaneState(flow, consts, lane.state.shared))
+        for g, group in enumerate(keep):
+            predictions[group.output] = out.narrow(0, g * b, b)
+    cond_lane = next(lane for lane in lanes if any(g.output == probe.cond for g in lane.groups))
+    cond_pos = next(i for i, g in enumerate(cond_lane.groups) if g.output == probe.cond)
+    cond_consts = [t.narrow(0, cond_pos * b, b) for t in cond_lane.state.row_consts]
+    for output in pending:
+        if output in recompute:
+            continue
+        flow = _plus(probe.cond_rows(lanes), store[probe.roles[output]])
+        predictions[output] = adapter.head(model, LaneState(flow, cond_consts, cond_lane.state.shared))
+    for output in recompute:  # each sub-network alone, as a separate lane forked at the probe
+        lane = next(lane for lane in lanes if any(g.output == output for g in lane.groups)) \
+            if output not in pending else cond_lane
+        pos = next(i for i, g in enumerate(lane.groups) if g.output == (probe.cond if output in pending else output))
+        copy = options.graphs is not None and options.graphs.ping_pong
+        flow = [None if t is None else (t.clone() if copy else t) for t in probe.rows_at_probe(lanes, output, pending)]
+        consts = [t.narrow(0, pos * b, b) for t in lane.state.row_consts]
+        drops = frozenset(subnets[output - rows.count])
+        sub = _Lane(LaneState(flow, consts, lane.state.shared), [_Group(output, drops)], drops)
+        for j in range(n, len(blocks)):
+            _run_block(adapter, blocks[j], j, sub, b, options.graphs, 1 + output - rows.count)
+        predictions[output] = adapter.head(model, sub.state)
     return predictions
 
 

@@ -52,7 +52,7 @@ class SGGConfig(EngineSettings):
         skip_schedule: ``"constant"`` or ``"linear"``, as cfg_schedule, for s_i across skip_window.
         skip_delta: the linear schedule's half range for s (finite).
         batch_branches, reuse_prefix, fork_mode, fused_step, step_mode, cuda_graphs, attention, compile_blocks,
-        branch_parallel:
+        branch_parallel, cache:
             how the engine runs the rows, exactly as in :class:`s2fast.S2Config` (same defaults, same meaning).
     """
 
@@ -78,6 +78,8 @@ class SGGConfig(EngineSettings):
             "skip_delta": _number("skip_delta", self.skip_delta),
         }
         self._check_engine()
+        if self.cache is not None:
+            self.cache.check_first_droppable(min(values["skip_blocks"]), "SGGConfig", "skip_blocks drops block")
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -87,6 +89,8 @@ class SGGConfig(EngineSettings):
 
     def check_blocks(self, num_blocks: int) -> None:
         """Validate skip_blocks against a model with ``num_blocks`` blocks (called by wrap)."""
+        if self.cache is not None:
+            self.cache.check_blocks(num_blocks, "SGGConfig")
         for b in self.skip_blocks:
             if b >= num_blocks:
                 raise ValueError(f"SGGConfig.skip_blocks names block {b}, but the model has {num_blocks} blocks "

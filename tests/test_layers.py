@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE_PREFIXES = ("s2fast.api", "s2fast.serving", "s2fast.binding", "s2fast.controller", "s2fast.fork_choice",
                  "s2fast.engine", "s2fast.graphs", "s2fast.attention", "s2fast.fused_step", "s2fast.plan",
                  "s2fast.masks", "s2fast.sgg", "s2fast.config", "s2fast.adapters", "s2fast.kernels",
-                 "s2fast.reference", "s2fast.context_parallel", "s2fast.distributed", "s2fast.branch_parallel")
+                 "s2fast.reference", "s2fast.context_parallel", "s2fast.distributed", "s2fast.branch_parallel",
+                 "s2fast.step_cache", "s2fast.step_trace")
 # What no module of the core may reach, at any depth: the command, the demos, the modular guiders (the classic
 # path never needs them), the digits model, the random test models and the evaluation folder.
 ABOVE_CORE = ("s2fast.cli", "s2fast.demo", "s2fast.cost_demo", "s2fast.guiders", "s2fast.digits", "s2fast.tiny",

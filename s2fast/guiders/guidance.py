@@ -76,6 +76,9 @@ class _EngineGuidance(BaseGuidance):
         if config.compile_blocks is not None:
             raise ValueError(f"s2fast.{name}: compile_blocks is not supported by the guiders (it would leave compiled "
                              "blocks on the transformer after the call); use it with s2fast.wrap")
+        if config.cache is not None:
+            raise ValueError(f"s2fast.{name}: cache is not supported by the guiders (the modular loop asks for its "
+                             "batches one by one, so no step sees every lane); use it with s2fast.wrap")
         if config.branch_parallel:
             raise ValueError(f"s2fast.{name}: branch_parallel is not supported by the guiders (the modular loop asks "
                              "for its batches one by one); use it with s2fast.wrap")
