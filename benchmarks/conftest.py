@@ -19,7 +19,8 @@ from s2fast.timing import InterleavedRounds
 RESULTS = {}  # group -> {"baseline": case, "cases": {case: {...}}}
 # extra per-case numbers the summary prints; "floor_ratio" (the block-row floor over CFG) fills the floor columns
 _MORE = ("speedup", "GB/s", "of_copy", "copy_GB/s", "peak_MiB", "reserved_MiB", "graph_pool_MiB", "static_MiB",
-         "MiB_each", "call_floor", "joined", "ratio_lo", "ratio_hi", "aten_ops", "py_calls", "py_c_calls", "block_rows")
+         "MiB_each", "call_floor", "joined", "ratio_lo", "ratio_hi", "aten_ops", "py_calls", "py_c_calls",
+         "block_rows", "cached_steps", "mean_abs_diff")
 
 
 def environment():

@@ -292,3 +292,17 @@ def block_rows(num_blocks: int, branches: int, subnets: Sequence[Tuple[int, ...]
         start = min(mask) if reuse_prefix else 0
         total += num_blocks - start - len(mask)
     return total
+
+
+def cached_block_rows(num_blocks: int, branches: int, subnets: Sequence[Tuple[int, ...]], probe_blocks: int,
+                      recompute_subnets: bool = False, reuse_prefix: bool = True) -> int:
+    """Block-rows (per row of batch) of a step a BlockCache skipped (s2fast/step_cache.py): the n probe blocks on
+    every branch (and on a sub-network lane forked at block 0, without reuse_prefix), plus, with subnet
+    "recompute", each sub-network's blocks after the probe that its mask keeps."""
+    total = branches * probe_blocks
+    for mask in subnets:
+        if not reuse_prefix:
+            total += probe_blocks
+        if recompute_subnets:
+            total += num_blocks - probe_blocks - len(mask)
+    return total
