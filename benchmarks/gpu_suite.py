@@ -5,8 +5,9 @@
 Steps, in order: the environment (versions, nvidia-smi), the gpu-marked tests, the CUDA extension's build and its
 tests, the fused-step benchmark, the SD3-medium step against its block-row floor, SD3-medium and Flux-dev end to
 end (1024², 28 steps, bf16), the Wan 2.1 steps against their floor, the Qwen-Image and Flux.2-dev steps (1024²)
-against theirs, the fork modes by image size (SD3-medium at 512² and 1024², Flux-dev at 512²), branch parallelism
-over nccl (one rank per GPU; listed as not run on a machine with fewer than 3 GPUs), and the profile script. Each
+against theirs, the fork modes by image size (SD3-medium at 512² and 1024², Flux-dev at 512²), cached S²
+(BlockCache) on Wan 2.1 1.3B and Flux-dev end to end, branch parallelism over nccl (one rank per GPU; listed as not
+run on a machine with fewer than 3 GPUs), and the profile script. Each
 step runs in a process of its own, with a timeout that never passes the budget; a step that would start with less
 time left than it needs is not started. Results are written after every step, so a run that is stopped still leaves
 them: suite.json (every step: status, seconds, return code, its log file, the benchmark results it wrote) and
@@ -77,6 +78,8 @@ def default_steps(out: Path, arch: str = "9.0") -> List[Step]:
              f"families-step/{results}"),
         Step("fork-modes", _pytest("-q", "-s", "benchmarks/test_gpu_pipelines.py", "-k", "fork_modes_by_image_size",
                                    "--benchmark-only"), True, 90, 300, bench("fork-modes"), f"fork-modes/{results}"),
+        Step("cached-s2", _pytest("-q", "-s", "benchmarks/test_gpu_step_cache.py", "--benchmark-only"), True, 150,
+             420, bench("cached-s2"), f"cached-s2/{results}"),
         # branch parallelism over nccl, one rank per GPU: 1-, 2- and 3-rank cases of an SD3-medium 1024² step
         Step("branch-parallel-nccl", _pytest("-q", "-s", "benchmarks/test_branch_parallel_cost.py", "--benchmark-only"),
              True, 90, 300, {"S2FAST_BRANCH_BACKEND": "nccl", **bench("branch-parallel")},
