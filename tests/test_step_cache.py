@@ -343,3 +343,18 @@ def test_diffusers_caches_are_refused_naming_the_s2fast_cache():
     finally:
         model.disable_cache()
         s2fast.unwrap(case.pipe)
+
+
+def test_context_parallelism_refuses_a_cache_and_records_check_their_values():
+    from types import SimpleNamespace
+
+    from s2fast import context_parallel
+
+    cp = SimpleNamespace(root_split=None, fixed_blocks=())
+    found = context_parallel.refusals(cp, S2Config(cache=BlockCache()), 4)
+    assert any("BlockCache" in f for f in found)
+    assert not context_parallel.refusals(cp, S2Config(), 4)
+    with pytest.raises(ValueError, match="blocks must be one of"):
+        StepRecord("skipped", "none")
+    with pytest.raises(ValueError, match="correction must be one of"):
+        StepRecord("full", "partial")
