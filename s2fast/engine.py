@@ -7,8 +7,9 @@ a lane of its own (fork_mode "separate", batch B) or joins the cond lane ("join"
 groups of a lane drop, the block runs on the other rows only and the dropped rows pass through unchanged.
 
 Block-rows per step (the cost model, docs/PERFORMANCE.md), L blocks, d dropped, first dropped k: CFG 2L; three
-passes 2L + (L − d); this engine 2L + (L − k − d). The engine never names a model family: the adapter does all
-model-specific work.
+passes 2L + (L − d); this engine 2L + (L − k − d). With a BlockCache (s2fast/step_cache.py) every lane runs the first
+n blocks, and a step the cache skips ends there: each group adds its own residual from the last full step. The
+engine never names a model family: the adapter does all model-specific work.
 """
 
 from __future__ import annotations
@@ -129,21 +130,19 @@ class _Probe:
         return self.group_rows(lanes, self.cond)
 
     def group_rows(self, lanes: List[_Lane], output: int) -> List[Optional[torch.Tensor]]:
-        for lane in lanes:
-            for g, group in enumerate(lane.groups):
-                if group.output == output:
-                    return [None if t is None else t.narrow(0, g * self.b, self.b) for t in lane.state.flow]
-        raise LookupError(output)
+        lane, g = _locate(lanes, output)
+        return [None if t is None else t.narrow(0, g * self.b, self.b) for t in lane.state.flow]
 
     def decide(self, cache: StepCache, lanes: List[_Lane], pending: List[int]) -> bool:
         cond = self.cond_rows(lanes)
         self.residual = cond[0] - self.start
         self.signature = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in cond)
-        needed = [r for r, o in zip(self.roles, range(len(self.roles)))
-                  if o < self.count or not cache.recompute_subnets]
+        # "recompute" runs the sub-networks on a cached step: only the branches need a stored residual
+        needed = [r for o, r in enumerate(self.roles) if o < self.count or not cache.recompute_subnets]
         return cache.decide(self.residual, needed, self.signature)
 
     def rows_at_probe(self, lanes: List[_Lane], output: int, pending: List[int]) -> List[Optional[torch.Tensor]]:
+        """Group ``output``'s rows at the probe: a sub-network that has not forked yet shares the cond rows'."""
         return self.group_rows(lanes, self.cond if output in pending else output)
 
     def snapshot(self, lanes: List[_Lane], pending: List[int]) -> None:
@@ -166,48 +165,53 @@ def _plus(rows: List[Optional[torch.Tensor]], residual: List[Optional[torch.Tens
     return [None if r is None or t is None else t + r for t, r in zip(rows, residual)]
 
 
+def _locate(lanes: List[_Lane], output: int) -> Tuple[_Lane, int]:
+    """The lane holding the group of prediction ``output``, and the group's position in it."""
+    for lane in lanes:
+        for g, group in enumerate(lane.groups):
+            if group.output == output:
+                return lane, g
+    raise LookupError(output)
+
+
 def _cached_predictions(adapter, model, blocks, lanes: List[_Lane], rows: BranchRows, subnets, pending: List[int],
                         options: EngineOptions, probe: _Probe) -> List[torch.Tensor]:
-    """A cached step: every group takes its rows at the probe plus its stored residual (the sub-networks too,
-    unless BlockCache.subnet is "recompute": then each runs alone, on its own mask, over the blocks after the
-    probe, forked from its rows there), and the head runs per lane as in a full step."""
-    cache, b, n = options.cache, probe.b, options.cache.probe_blocks
+    """A cached step: every group takes its rows at the probe plus its own stored residual and the head runs per
+    lane as in a full step; a sub-network not forked yet takes the cond rows plus its residual. With
+    BlockCache.subnet "recompute" each sub-network instead runs alone, on its own mask, over the blocks after the
+    probe, from its rows there."""
+    cache, b = options.cache, probe.b
     store = cache.store.residuals
     predictions: List[Optional[torch.Tensor]] = [None] * len(probe.roles)
-    recompute = [o for o in range(rows.count, len(probe.roles))] if cache.recompute_subnets else []
+    recompute = list(range(rows.count, len(probe.roles))) if cache.recompute_subnets else []
     for lane in lanes:
-        keep = [g for g in lane.groups if g.output not in recompute]
+        keep = [(g, group) for g, group in enumerate(lane.groups) if group.output not in recompute]
         if not keep:
             continue
-        parts = [_plus(probe.group_rows(lanes, g.output), store[probe.roles[g.output]]) for g in keep]
-        flow = [None if any(p[s] is None for p in parts) else torch.cat([p[s] for p in parts]) if len(parts) > 1
-                else parts[0][s] for s in range(len(lane.state.flow))]
-        index = [lane.groups.index(g) for g in keep]
-        consts = lane.state.row_consts if len(keep) == len(lane.groups) else [
-            torch.cat([t.narrow(0, i * b, b) for i in index]) for t in lane.state.row_consts]
+        parts = [_plus(probe.group_rows(lanes, group.output), store[probe.roles[group.output]]) for _, group in keep]
+        flow = [None if any(p[s] is None for p in parts) else torch.cat([p[s] for p in parts])
+                for s in range(len(lane.state.flow))]
+        consts = [torch.cat([t.narrow(0, g * b, b) for g, _ in keep]) for t in lane.state.row_consts]
         out = adapter.head(model, LaneState(flow, consts, lane.state.shared))
-        for g, group in enumerate(keep):
-            predictions[group.output] = out.narrow(0, g * b, b)
-    cond_lane = next(lane for lane in lanes if any(g.output == probe.cond for g in lane.groups))
-    cond_pos = next(i for i, g in enumerate(cond_lane.groups) if g.output == probe.cond)
-    cond_consts = [t.narrow(0, cond_pos * b, b) for t in cond_lane.state.row_consts]
-    for output in pending:
-        if output in recompute:
+        for i, (_, group) in enumerate(keep):
+            predictions[group.output] = out.narrow(0, i * b, b)
+    copy = options.graphs is not None and options.graphs.ping_pong  # as _fork: a lane of its own starts from a copy
+    for output in pending + recompute:
+        if predictions[output] is not None:  # a pending sub-network under "recompute" is listed twice
             continue
-        flow = _plus(probe.cond_rows(lanes), store[probe.roles[output]])
-        predictions[output] = adapter.head(model, LaneState(flow, cond_consts, cond_lane.state.shared))
-    for output in recompute:  # each sub-network alone, as a separate lane forked at the probe
-        lane = next(lane for lane in lanes if any(g.output == output for g in lane.groups)) \
-            if output not in pending else cond_lane
-        pos = next(i for i, g in enumerate(lane.groups) if g.output == (probe.cond if output in pending else output))
-        copy = options.graphs is not None and options.graphs.ping_pong
-        flow = [None if t is None else (t.clone() if copy else t) for t in probe.rows_at_probe(lanes, output, pending)]
-        consts = [t.narrow(0, pos * b, b) for t in lane.state.row_consts]
-        drops = frozenset(subnets[output - rows.count])
-        sub = _Lane(LaneState(flow, consts, lane.state.shared), [_Group(output, drops)], drops)
-        for j in range(n, len(blocks)):
-            _run_block(adapter, blocks[j], j, sub, b, options.graphs, 1 + output - rows.count)
-        predictions[output] = adapter.head(model, sub.state)
+        lane, g = _locate(lanes, probe.cond if output in pending else output)
+        consts = [t.narrow(0, g * b, b) for t in lane.state.row_consts]
+        at_probe = probe.rows_at_probe(lanes, output, pending)
+        if output not in recompute:
+            state = LaneState(_plus(at_probe, store[probe.roles[output]]), consts, lane.state.shared)
+        else:  # the sub-network alone, as a lane of its own forked at the probe
+            drops = frozenset(subnets[output - rows.count])
+            flow = [None if t is None else (t.clone() if copy else t) for t in at_probe]
+            sub = _Lane(LaneState(flow, consts, lane.state.shared), [_Group(output, drops)], drops)
+            for j in range(cache.probe_blocks, len(blocks)):
+                _run_block(adapter, blocks[j], j, sub, b, options.graphs, 1 + output - rows.count)
+            state = sub.state
+        predictions[output] = adapter.head(model, state)
     return predictions
 
 

@@ -358,3 +358,20 @@ def test_context_parallelism_refuses_a_cache_and_records_check_their_values():
         StepRecord("skipped", "none")
     with pytest.raises(ValueError, match="correction must be one of"):
         StepRecord("full", "partial")
+
+
+@pytest.mark.parametrize("subnet", ["reuse", "recompute"])
+@pytest.mark.parametrize("engine", [dict(fork_mode="join"), dict(reuse_prefix=False, fork_mode="join"),
+                                    dict(reuse_prefix=False, fork_mode="separate"), dict(num_masks=2)],
+                         ids=["join", "no-prefix-join", "no-prefix-separate", "two-masks"])
+def test_every_lane_layout_equals_the_plain_loop(digits, engine, subnet):
+    """Sub-network rows joined to the cond lane, forked at block 0 (their own probe rows), or two of them."""
+    cache = BlockCache(threshold=digits.threshold, subnet=subnet)
+    config = S2Config(omega=0.5, seed=1, cache=cache, **engine)
+    reference = CachedReference(cache, digits.steps)
+    s2fast.wrap(digits.pipe, config, _predictor=reference)
+    expected = digits()
+    s2fast.wrap(digits.pipe, config)
+    got = digits()
+    assert _blocks(digits.pipe) == tuple(reference.log) and "cached" in reference.log
+    torch.testing.assert_close(got, expected, **TOL)
