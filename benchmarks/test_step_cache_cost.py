@@ -52,8 +52,8 @@ def pipes():
     model, scheduler = base.transformer, base.scheduler
     fbc_model = copy.deepcopy(model)
     apply_first_block_cache(fbc_model, FirstBlockCacheConfig(threshold=THRESHOLD))
-    # fork_mode "separate": "auto" builds its one-block trial at every call (the blocks before the fork run once
-    # more, 2 block-rows a sample here), which would blur the counts this file compares
+    # fork_mode "separate": "auto" times its choice at the first call of a shape (block-rows outside any sample)
+    # and may choose differently from one process to the next; fixed, every round runs the same lanes
     s2 = S2Config(omega=OMEGA, seed=1, fork_mode="separate")
     configs = {
         "cfg-blockcache": S2Config(omega=0.0, fork_mode="separate", cache=BlockCache(threshold=THRESHOLD)),
