@@ -4,6 +4,7 @@
     s2fast.wrap(pipe, cfg)     # the pipeline's own call now samples with S²-Guidance
     s2fast.trace(pipe)         # the masks of the last call
     s2fast.trace_denoisers(pipe)   # beside it: which expert ran each step (Wan 2.2's two)
+    s2fast.trace_steps(pipe)   # and what each step ran (sub-networks computed, or their correction reused)
     s2fast.unwrap(pipe)        # restores the pipeline exactly
     s2fast.wrap(pipe, s2fast.SGGConfig())   # segmented guidance: CFG, then skip-layer guidance
     s2fast.register_adapter(MyPipeline, MyAdapter)   # teach wrap another pipeline class
@@ -44,12 +45,12 @@ def _kernels_of_this_checkout() -> None:
 _kernels_of_this_checkout()
 
 __version__ = "0.1.0"
-__all__ = ["S2Config", "SGGConfig", "wrap", "unwrap", "trace", "trace_denoisers", "config_of", "graph_stats",
+__all__ = ["S2Config", "SGGConfig", "wrap", "unwrap", "trace", "trace_denoisers", "trace_steps", "config_of", "graph_stats",
            "register_adapter", "S2Guidance", "SGGGuidance", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("wrap", "unwrap", "trace", "trace_denoisers", "graph_stats", "config_of"):
+    if name in ("wrap", "unwrap", "trace", "trace_denoisers", "trace_steps", "graph_stats", "config_of"):
         from . import api
 
         return getattr(api, name)

@@ -1,4 +1,4 @@
-"""The public entry points: wrap, unwrap, trace, trace_denoisers, config_of, graph_stats."""
+"""The public entry points: wrap, unwrap, trace, trace_denoisers, trace_steps, config_of, graph_stats."""
 
 from __future__ import annotations
 
@@ -89,6 +89,17 @@ def trace_denoisers(pipe) -> Tuple:
     if controller is None:
         raise ValueError("s2fast.trace_denoisers: this pipeline is not wrapped (call s2fast.wrap(pipe, config) first)")
     return controller.trace_denoisers()
+
+
+def trace_steps(pipe) -> Tuple:
+    """Beside :func:`trace`: a StepRecord (s2fast/step_trace.py) per step of the last call, what the step ran:
+    ``correction`` is "computed" where the sub-networks ran, "reused" where the stored correction of an earlier
+    step stood in (S2Config.correction_every), "none" where the step had no sub-network term; ``blocks`` is "full"
+    where the blocks ran. None for a step that ran none (interrupted)."""
+    controller = controller_of(pipe)
+    if controller is None:
+        raise ValueError("s2fast.trace_steps: this pipeline is not wrapped (call s2fast.wrap(pipe, config) first)")
+    return controller.trace_steps()
 
 
 def graph_stats(pipe) -> Optional[dict]:
