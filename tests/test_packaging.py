@@ -32,10 +32,11 @@ def test_import_is_cheap_and_kernels_is_only_a_subpackage():
 def test_public_surface():
     import s2fast
 
-    assert set(s2fast.__all__) == {"S2Config", "SGGConfig", "wrap", "unwrap", "trace", "trace_denoisers", "config_of",
-                                   "graph_stats", "register_adapter", "S2Guidance", "SGGGuidance", "__version__"}
-    for name in ("wrap", "unwrap", "trace", "trace_denoisers", "config_of", "graph_stats", "register_adapter",
-                 "S2Guidance", "SGGGuidance"):
+    assert set(s2fast.__all__) == {"S2Config", "SGGConfig", "wrap", "unwrap", "trace", "trace_denoisers", "trace_steps",
+                                   "config_of", "graph_stats", "register_adapter", "S2Guidance", "SGGGuidance",
+                                   "__version__"}
+    for name in ("wrap", "unwrap", "trace", "trace_denoisers", "trace_steps", "config_of", "graph_stats",
+                 "register_adapter", "S2Guidance", "SGGGuidance"):
         assert callable(getattr(s2fast, name)) and getattr(s2fast, name).__doc__
     fields = [f for f in s2fast.S2Config.__dataclass_fields__ if not f.startswith("_")]
     for f in fields:  # every field documented in the docstring
