@@ -13,8 +13,9 @@
    (k_i: the first dropped block of step i, d: the blocks it drops; s2fast/engine.py's block_rows).
 
 2. test_digits_output_shift: how far k = 2, 3 move the trained digits pipeline's output from k = 1, relative to how
-   far S² moves it from CFG: mean |x_k − x_1| / mean |x_1 − x_CFG| over a batch (same seeds and masks). Not a
-   timing; the numbers are printed and written to .benchmarks/correction_reuse_shift.json.
+   far S² moves it from CFG: mean |x_k − x_1| / mean |x_1 − x_CFG| over a batch (same seeds and masks), and the
+   share of S²'s effect x_k keeps, ⟨x_k − x_CFG, x_1 − x_CFG⟩ / |x_1 − x_CFG|². Not a timing; the numbers are
+   printed and written to .benchmarks/correction_reuse_shift.json.
 
     OMP_NUM_THREADS=1 .venv/bin/pytest benchmarks/test_correction_reuse_cost.py --benchmark-only -s
 """
@@ -137,7 +138,10 @@ def test_digits_output_shift():
         for k in (2, 3):
             shifted = sample(S2Config(omega=omega, seed=SEED, correction_every=k))
             diff = (shifted - s2).abs().mean().item()
-            results[f"omega={omega}"][f"k={k}"] = {"mean|x_k-x_1|": diff, "relative": diff / base}
+            # the share of S²'s effect (x_1 − x_CFG) that x_k keeps: its projection onto that direction
+            effect = (s2 - cfg).flatten()
+            kept = torch.dot((shifted - cfg).flatten(), effect).item() / torch.dot(effect, effect).item()
+            results[f"omega={omega}"][f"k={k}"] = {"mean|x_k-x_1|": diff, "relative": diff / base, "kept": kept}
     print(json.dumps(results, indent=1))
     out = Path(".benchmarks")
     out.mkdir(exist_ok=True)

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 from s2_reference import CorrectionReuse, dit_three_pass, wan_three_pass
+from s2fast.kernels import correction_of, dispatch, guided_flow_step
+from s2fast.kernels.flow_step_reference import reference_flow_step
 from test_wan import STEPS as WAN_STEPS
 from test_wan import _case as wan_case
 
 import s2fast
 from s2fast import S2Config, SGGConfig, tiny
 from s2fast.graphs import EagerBackend
-from s2fast.kernels import correction_of, dispatch, guided_flow_step
-from s2fast.kernels.flow_step_reference import reference_flow_step
 from s2fast.plan import StepGuidance, with_correction_reuse
 from s2fast.step_trace import StepRecord
 
