@@ -105,14 +105,12 @@ def warmup_predictions(config, num_blocks: int, fork_mode: Optional[str] = None)
         return (subnets,)
     if not subnets:
         return ((),)
-    # a step that reuses the S² correction runs the uncond/cond rows alone, at every block (correction_every > 1)
-    reuse = ((),) if getattr(config, "correction_every", 1) > 1 else ()
     droppable = tuple(b for b in range(num_blocks) if b not in config.protected_blocks)
     light = subnets[0] if config.reuse_prefix else ()
     if not (config.batch_branches and (fork_mode or config.fork_mode) == "join"):
-        return ((light,) * config.num_masks,) + reuse
+        return ((light,) * config.num_masks,)
     n = config.num_masks
-    return tuple((light,) * (n - c) + (droppable,) * c for c in range(n + 1)) + reuse
+    return tuple((light,) * (n - c) + (droppable,) * c for c in range(n + 1))
 
 
 def num_masks(config) -> int:

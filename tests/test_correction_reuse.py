@@ -118,14 +118,19 @@ def test_fused_step_equals_unfused_on_reuse_steps(sd3):
     assert torch.equal(fused, unfused)
 
 
-def test_block_graphs_serve_reuse_steps_as_eager_blocks(sd3):
-    config = S2Config(omega=0.5, masks=MASKS, correction_every=2, fork_mode="separate")
+@pytest.mark.parametrize("fork_mode", ["separate", "join"])
+def test_block_graphs_serve_reuse_steps_as_eager_blocks(sd3, fork_mode):
+    config = S2Config(omega=0.5, masks=MASKS, correction_every=2, fork_mode=fork_mode)
     eager = run_family(sd3, config)
-    s2fast.wrap(sd3.pipe, config, _graph_backend=EagerBackend())
-    graphed = sd3(steps=STEPS)
-    stats = s2fast.graph_stats(sd3.pipe)
+    captures = {}
+    for k in (1, 2):  # unwrap releases the graphs: each k captures afresh
+        s2fast.unwrap(sd3.pipe)
+        s2fast.wrap(sd3.pipe, config.replace(correction_every=k), _graph_backend=EagerBackend())
+        graphed = sd3(steps=STEPS)
+        captures[k] = s2fast.graph_stats(sd3.pipe)["captures"]
     torch.testing.assert_close(graphed, eager, atol=1e-6, rtol=1e-6)  # same blocks, only the call path differs
-    assert stats["captures"] > 0 and corrections(sd3.pipe).count("reused") == 2
+    # the reuse steps' [uncond, cond]-only predictions replay graphs that k = 1 captures too: nothing new
+    assert captures[2] == captures[1] > 0 and corrections(sd3.pipe).count("reused") == 2
 
 
 # --- the stores' lifetime -----------------------------------------------------------------------------------------
