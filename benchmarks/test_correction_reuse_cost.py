@@ -37,7 +37,7 @@ SHAPE = tiny.BENCH_SD3
 L = SHAPE.num_layers
 LAMBDA = 4.5      # SD3-medium's usual guidance scale
 STEPS = 6         # k = 2 and k = 3 both divide it: the per-sample ratio is that of any multiple of 6 steps
-ROUNDS = 6
+ROUNDS = 10
 EVERY = (1, 2, 3)
 SEED = 0
 
