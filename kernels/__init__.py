@@ -8,6 +8,6 @@ them (kernels/dispatch.py).
 """
 
 from .flow_step import guided_flow_step
-from .guidance import guided_prediction, mean_of_subs
+from .guidance import correction_of, guided_prediction, mean_of_subs
 
-__all__ = ["guided_flow_step", "guided_prediction", "mean_of_subs"]
+__all__ = ["guided_flow_step", "guided_prediction", "mean_of_subs", "correction_of"]

@@ -72,15 +72,20 @@ def unavailable(name: str, tensors: Sequence[torch.Tensor], same_dtype: bool) ->
     return ""
 
 
-def choose(backend: Optional[str], tensors: Sequence[torch.Tensor], same_dtype: bool) -> Tuple[str, object]:
-    """(backend name, its module or None for torch) for this call."""
+def choose(backend: Optional[str], tensors: Sequence[torch.Tensor], same_dtype: bool,
+           skip: Sequence[str] = ()) -> Tuple[str, object]:
+    """(backend name, its module or None for torch) for this call; ``skip``: backends that lack an input the call
+    has (the CUDA extension takes no stored correction)."""
     wanted = requested_backend(backend)
     if wanted is not None:
-        why = unavailable(wanted, tensors, same_dtype)
+        why = f"the {wanted} backend has no input for a stored correction" if wanted in skip else ""
+        why = why or unavailable(wanted, tensors, same_dtype)
         if why:
             raise ValueError(f"s2fast: {why}")
         return wanted, _import(wanted)[0] if wanted != "torch" else None
     for name in ("cuda", "triton"):
+        if name in skip:
+            continue
         why = unavailable(name, tensors, same_dtype)
         if not why:
             return name, _import(name)[0]

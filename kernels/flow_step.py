@@ -1,6 +1,7 @@
 """guided_flow_step: S²-Guidance's Eq. 4 fused with the FlowMatchEulerDiscreteScheduler update.
 
-    D        = U + λ (C − U) − ω (S̄ − C)      (no U: C − ω (S̄ − C); no S: plain CFG; S̄ = mean of N subs)
+    D        = U + λ (C − U) − ω (S̄ − C)      (no U: C − ω (S̄ − C); no S: plain CFG; S̄ = mean of N subs;
+                                               a stored correction Δ in place of S̄ − C on a reuse step)
     x_{t−1}  = x_t + dt · D                   dt = σ_{i+1} − σ_i, a 0-dim fp32 tensor
 
 Modes: "exact" reproduces the unfused torch sequence a wrapped pipeline runs (kernels/flow_step_reference.py)
@@ -36,6 +37,7 @@ def guided_flow_step(
     guided_out: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
     dt_device=None,
+    correction: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """x_{t−1} from x_t (``sample``) and the predictions; returns ``out`` (allocated when None).
 
@@ -52,21 +54,32 @@ def guided_flow_step(
         dt_device: mode "exact" reproduces ``dt * D`` with dt on this device (the CPU or the tensors' device):
             torch rounds a CPU scalar and a device one differently on a GPU. Default: where ``dt`` is. The fused
             step passes the scheduler's sigmas device, which is where the stock step's dt lives.
+        correction: Δ, a stored S̄ − C of an earlier step (S2Config.correction_every), shaped and typed like
+            ``cond``, in place of ``sub``. Runs on the Triton kernel or the torch reference (the CUDA extension
+            has no such input).
     """
     _check(sample, cond, uncond, sub, dt, guidance_scale, omega, mode, out, guided_out)
+    if correction is not None:
+        if sub is not None:
+            raise ValueError("guided_flow_step: give sub or correction, not both")
+        _check_like("correction", correction, cond, cond.shape)
+        if correction.device != cond.device:
+            raise ValueError(f"guided_flow_step: correction is on {correction.device}, the tensors on {cond.device}")
     dt_device = dt.device if dt_device is None else torch.device(dt_device)
     if dt_device.type != "cpu" and (dt_device.type != cond.device.type
                                     or dt_device.index not in (None, cond.device.index)):
         raise ValueError(f"guided_flow_step: dt_device is {dt_device}, the tensors are on {cond.device}")
     if omega == 0:
-        sub = None
+        sub = correction = None
     num_subs = 0 if sub is None else (1 if sub.dim() == sample.dim() else sub.shape[0])
-    tensors = [t for t in (sample, cond, uncond, sub, out, guided_out) if t is not None]
-    name, module = dispatch.choose(backend, tensors, same_dtype=sample.dtype == cond.dtype)
+    tensors = [t for t in (sample, cond, uncond, sub, correction, out, guided_out) if t is not None]
+    skip = ("cuda",) if correction is not None else ()  # the CUDA extension takes no stored correction
+    name, module = dispatch.choose(backend, tensors, same_dtype=sample.dtype == cond.dtype, skip=skip)
     if out is None:
         out = torch.empty(cond.shape, dtype=cond.dtype, device=cond.device)
     if name == "torch":
-        return _torch_step(sample, cond, uncond, sub, dt, guidance_scale, omega, mode, out, guided_out, dt_device)
+        return _torch_step(sample, cond, uncond, sub, dt, guidance_scale, omega, mode, out, guided_out, dt_device,
+                           correction)
     if dt.device != cond.device:  # a kernel reads dt on the device; a copy made here is not seen by a graph replay
         dt = dt.to(cond.device)
     exact = mode == "exact"
@@ -77,16 +90,21 @@ def guided_flow_step(
         lam = effective_scalar(lam, cond.dtype, rounding.guidance_scale)
         om = effective_scalar(om, cond.dtype, rounding.guidance_scale)
     with dispatch.launch_guard(cond.device):  # a kernel launches on the current device: make it the tensors'
-        module.launch(sample, cond, uncond, sub, num_subs, dt, out, guided_out, lam, om, exact,
-                      bool(exact and rounding.dt))
+        if correction is not None:  # the Triton kernel reads Δ where it reads S, as its one "sub-network"
+            module.launch(sample, cond, uncond, correction, 1, dt, out, guided_out, lam, om, exact,
+                          bool(exact and rounding.dt), is_correction=True)
+        else:
+            module.launch(sample, cond, uncond, sub, num_subs, dt, out, guided_out, lam, om, exact,
+                          bool(exact and rounding.dt))
     return out
 
 
-def _torch_step(sample, cond, uncond, sub, dt, guidance_scale, omega, mode, out, guided_out, dt_device):
+def _torch_step(sample, cond, uncond, sub, dt, guidance_scale, omega, mode, out, guided_out, dt_device,
+                correction=None):
     # Exact: the stock step multiplies by dt where the scheduler holds it; a CPU and a device dt can round
     # differently, so multiply by it there.
     x_next, d = reference_flow_step(sample, cond, uncond, sub, dt.to(dt_device) if mode == "exact" else dt,
-                                    guidance_scale, omega, mode)
+                                    guidance_scale, omega, mode, correction=correction)
     if guided_out is not None:
         guided_out.copy_(d)
     return out.copy_(x_next)

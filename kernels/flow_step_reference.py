@@ -31,8 +31,10 @@ def reference_flow_step(
     guidance_scale: Optional[float],
     omega: float,
     mode: str = "exact",
+    correction: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x_{t−1}, D) in plain torch ops.
+    """(x_{t−1}, D) in plain torch ops. ``correction``: a stored Δ in place of S̄ − C (``sub`` None), as
+    ``guided_prediction`` takes it; mode "fp32" reads it as fp32 (it is stored in the predictions' dtype).
 
     mode "exact", exactly as a wrapped pipeline computes them without fusion, op for op:
     1. D from Eq. 4 (``guided_prediction``, the pipelines' op order, one rounding per op in the model dtype);
@@ -45,14 +47,16 @@ def reference_flow_step(
     """
     subs = sub_list(sub, sample)
     if mode == "exact":
-        d = guided_prediction(cond, uncond, subs, guidance_scale, omega)
+        d = guided_prediction(cond, uncond, subs, guidance_scale, omega, correction=correction)
         value = d + guidance_scale * (d - d) if uncond is not None else d
         prev = sample.to(torch.float32) + dt * value
         return prev.to(value.dtype), d
     f32 = torch.float32
     c = cond.to(f32)
     d = c if uncond is None else uncond.to(f32) + guidance_scale * (c - uncond.to(f32))
-    if subs and omega != 0:
+    if correction is not None and omega != 0:
+        d = d - omega * correction.to(f32)
+    elif subs and omega != 0:
         d = d - omega * (mean_of_subs(subs, round_to_input=False) - c)
     prev = sample.to(f32) + dt.to(device=sample.device, dtype=f32) * d
     return prev.to(cond.dtype), d.to(cond.dtype)

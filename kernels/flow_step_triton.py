@@ -43,8 +43,9 @@ def _guided_flow_step_kernel(
     x_ptr, c_ptr, u_ptr, s_ptr, dt_ptr, out_ptr, d_ptr,
     n, lam, omega, inv_num_subs,
     HAS_U: tl.constexpr, NUM_SUBS: tl.constexpr, WRITE_D: tl.constexpr, EXACT: tl.constexpr,
-    ROUND_DT: tl.constexpr, LOW: tl.constexpr, BLOCK: tl.constexpr,
+    ROUND_DT: tl.constexpr, LOW: tl.constexpr, BLOCK: tl.constexpr, IS_CORRECTION: tl.constexpr = False,
 ):
+    # IS_CORRECTION: s_ptr holds a stored Δ = S̄ − C (one tensor, NUM_SUBS = 1), read in place of S̄ − C
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
@@ -56,7 +57,10 @@ def _guided_flow_step_kernel(
         if HAS_U:
             u = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
             d = _round(u + _round(lam * _round(c - u, LOW), LOW), LOW)
-        if NUM_SUBS > 0:
+        if IS_CORRECTION:
+            delta = tl.load(s_ptr + offs, mask=mask).to(tl.float32)
+            d = _round(d - _round(omega * delta, LOW), LOW)
+        elif NUM_SUBS > 0:
             sbar = tl.load(s_ptr + offs, mask=mask).to(tl.float32)
             if NUM_SUBS > 1:
                 for j in tl.static_range(1, NUM_SUBS):
@@ -75,7 +79,9 @@ def _guided_flow_step_kernel(
         if HAS_U:
             u = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
             d = u + lam * (c - u)
-        if NUM_SUBS > 0:
+        if IS_CORRECTION:
+            d = d - omega * tl.load(s_ptr + offs, mask=mask).to(tl.float32)
+        elif NUM_SUBS > 0:
             sbar = tl.load(s_ptr + offs, mask=mask).to(tl.float32)
             for j in tl.static_range(1, NUM_SUBS):
                 sbar += tl.load(s_ptr + j * n + offs, mask=mask).to(tl.float32)
@@ -101,6 +107,7 @@ def launch(
     omega: float,
     exact: bool,
     round_dt: bool,
+    is_correction: bool = False,
 ) -> None:
     """Run the kernel; inputs are validated, contiguous and on one device (kernels/flow_step.py)."""
     n = cond.numel()
@@ -110,7 +117,7 @@ def launch(
         guided_out if guided_out is not None else out,
         n, lam, omega, 1.0 / max(num_subs, 1),
         HAS_U=uncond is not None, NUM_SUBS=num_subs, WRITE_D=guided_out is not None, EXACT=exact,
-        ROUND_DT=round_dt, LOW=_LOW_KIND[cond.dtype], BLOCK=BLOCK,
+        ROUND_DT=round_dt, LOW=_LOW_KIND[cond.dtype], BLOCK=BLOCK, IS_CORRECTION=is_correction,
         num_warps=4,
         enable_fp_fusion=not exact,  # exact: a contracted a*b+c rounds once where torch rounds twice
     )

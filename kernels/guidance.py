@@ -13,9 +13,12 @@ def guided_prediction(
     subs: Sequence[torch.Tensor],
     guidance_scale: Optional[float],
     omega: float,
+    correction: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """D = U + λ(C − U) − ω(S̄ − C), or C − ω(S̄ − C) without an uncond branch; S̄ is the mean of ``subs``
-    (:func:`mean_of_subs`).
+    (:func:`mean_of_subs`). ``correction``: a stored Δ standing for S̄ − C (``subs`` then empty), the reuse step of
+    S2Config.correction_every; :func:`correction_of` is the Δ a step with ``subs`` computes, so a reuse of this
+    step's own Δ gives this step's D bit for bit.
 
     The CFG part is computed exactly as the diffusers pipelines write it (``U + λ * (C - U)``, one rounding per
     op in the model dtype), so with no sub-network the result is bit-identical to the stock pipeline's CFG line.
@@ -26,9 +29,19 @@ def guided_prediction(
         out = uncond + guidance_scale * (cond - uncond)
     else:
         out = cond
+    if correction is not None:
+        if subs:
+            raise ValueError("guided_prediction: give the sub-network predictions or a stored correction, not both")
+        return out if omega == 0 else out - omega * correction
     if not subs or omega == 0:
         return out
-    return out - omega * (mean_of_subs(subs) - cond)
+    return out - omega * correction_of(cond, subs)
+
+
+def correction_of(cond: torch.Tensor, subs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Δ = S̄ − C in the predictions' dtype, one rounding as :func:`guided_prediction` (and the fused step's exact
+    mode) compute it: what a step that reuses the correction is given."""
+    return mean_of_subs(subs) - cond
 
 
 def mean_of_subs(subs: Sequence[torch.Tensor], round_to_input: bool = True) -> torch.Tensor:

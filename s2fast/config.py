@@ -120,6 +120,17 @@ class S2Config(EngineSettings):
             ``num_masks > 1`` each entry is a tuple of ``num_masks`` such tuples. :func:`s2fast.trace` returns
             exactly this form, so ``masks=s2fast.trace(pipe)`` replays a call. The length must equal the number
             of steps of the call.
+        correction_every: ``k``, compute the sub-networks on every k-th S² step only, and on the S² steps between
+            reuse the correction Δ = S̄ − D_c of the last step that computed it: D = D_u + λ(D_c − D_u) − ωΔ, with
+            D_u and D_c of the current step. ``1`` (default) computes them at every S² step (the paper's method,
+            bit for bit). ``k > 1`` changes the output (Δ is stale by up to k − 1 steps) and costs between CFG and
+            S²: a reuse step runs CFG's rows only. The S² steps (those with a mask, ω > 0) of each denoiser are
+            counted: its first one in a call computes, then every k-th (Wan 2.2's experts each keep their own Δ,
+            so the first S² step after the switch computes). The masks drawn do not depend on k: a computed step
+            drops the blocks it drops at k = 1, a reuse step's mask is drawn and not run, and
+            ``s2fast.trace`` reports it, so ``masks=s2fast.trace(pipe)`` with the same k replays a call;
+            ``s2fast.trace_steps`` says which steps computed and which reused. Δ is kept per pipeline call and
+            denoiser, in the prediction's dtype; nothing carries over to the next call.
         batch_branches: run the uncond, cond and sub-network rows in shared batched block calls (default). When
             ``False`` every branch runs as its own batch-B pass, like separate forward calls; results agree up to
             batch-size rounding (about 1e-6 relative in fp32).
@@ -203,6 +214,7 @@ class S2Config(EngineSettings):
     seed: Optional[int] = None
     masks: Optional[Tuple[StepMasks, ...]] = None
     sigma_interval: Optional[Tuple[float, float]] = None
+    correction_every: int = 1
 
     def __post_init__(self) -> None:
         # numpy scalars are accepted wherever Python numbers are, and stored as Python numbers (hashable, printable,
@@ -219,6 +231,10 @@ class S2Config(EngineSettings):
             raise ValueError(f"S2Config.num_masks must be an integer from 1 to {MAX_NUM_MASKS} (each mask is one more "
                              f"sub-network pass per step), got {_short(self.num_masks)}")
         object.__setattr__(self, "num_masks", int(self.num_masks))
+        if not _is_int(self.correction_every) or self.correction_every < 1:
+            raise ValueError("S2Config.correction_every must be an integer >= 1 (1 computes the sub-network at every "
+                             f"S² step), got {_short(self.correction_every)}")
+        object.__setattr__(self, "correction_every", int(self.correction_every))
         object.__setattr__(self, "protected_blocks", _index_tuple("protected_blocks", self.protected_blocks))
         object.__setattr__(self, "interval", _interval(self.interval))
         if self.seed is not None and not _is_int(self.seed):

@@ -26,7 +26,7 @@ from .config import Mask, S2Config, public_step_form
 from .engine import EngineOptions, graph_context, predict
 from .fused_step import FusedStep, SchedulerHook, fused_step_for_call
 from .graphs import BlockGraphs, kept_graphs, release_graphs
-from .kernels import guided_prediction
+from .kernels import correction_of, guided_prediction
 from .kernels.dispatch import log_once
 from .plan import StepGuidance
 from .serving import serving_controller
@@ -63,6 +63,15 @@ class _FollowUp:
 
 
 @dataclass
+class _StoredCorrection:
+    """One denoiser's S² correction Δ = S̄ − D_c in a pipeline call (S2Config.correction_every), and the S² steps
+    that have reused it since the step that computed it."""
+
+    delta: torch.Tensor
+    reused: int = 0
+
+
+@dataclass
 class _Run:
     """The state of one pipeline call: its plan, what it used, and a value to serve a follow-up call."""
 
@@ -85,9 +94,11 @@ class _Run:
     guided: bool = True
     stock_forward: Optional[bool] = None
     # BlockCache (s2fast/step_cache.py): one residual store per denoiser model (Wan 2.2's experts keep their own),
-    # living as long as this call; and what each step ran (s2fast.trace_steps)
+    # living as long as this call
     stores: Dict[int, CacheStore] = field(default_factory=dict)
-    records: List[Optional[StepRecord]] = field(default_factory=list)
+    # per denoiser attribute (each expert its own): the last computed correction, for correction_every > 1
+    corrections: Dict[str, _StoredCorrection] = field(default_factory=dict)
+    records: List[Optional[StepRecord]] = field(default_factory=list)  # what each step ran (s2fast.trace_steps)
 
     def guidance(self, config, step: int, num_blocks: int, fixed_blocks: Tuple[int, ...] = ()) -> StepGuidance:
         """This step's plan for a denoiser of ``num_blocks`` blocks (experts may differ in block count);
@@ -354,11 +365,13 @@ class Controller:
         guidance = run.guidance(self.config, step, state.num_blocks, self.fixed_blocks(run, model))
         denoiser = self.adapter.denoiser_called(pipe, call_locals, model)
         cache = self._step_cache(run, model, step, denoiser)
-        d, predictions = self._guided(pipe, model, state, run, call_locals, request, guidance, cache)
+        stored = run.corrections.get(denoiser)
+        guidance = plan.with_correction_reuse(self.config, guidance, None if stored is None else stored.reused)
+        d, predictions = self._guided(pipe, model, state, run, call_locals, request, guidance, denoiser, cache)
         if request.finish is not None:  # the pipeline's post-processing, with the true cond (StepRequest.finish)
             part = request.guided_part or (lambda p: p)
             d = request.finish(d, part(predictions[request.cond_branch]))
-        run.trace[step] = guidance.subnets
+        run.trace[step] = guidance.subnets  # a reuse step's mask too: drawn as at k = 1, so trace replays the call
         run.denoisers[step] = denoiser
         run.records[step] = step_record(guidance, cache)
         run.steps_served += 1
@@ -382,7 +395,6 @@ class Controller:
         step = self.adapter.step_index(call_locals, run.steps_served)
         if 0 <= step < run.steps:
             run.denoisers[step] = self.adapter.denoiser_called(pipe, call_locals, model)
-        if 0 <= step < run.steps:
             run.records[step] = StepRecord("full", "none")
         run.steps_served += 1  # counts calls here; only adapters with one call a step (DiT) index steps by it
         return type(model).forward(model, *args, **kwargs)
@@ -399,15 +411,18 @@ class Controller:
         return StepCache(cache, store, may_cache=not forced)
 
     def _guided(self, pipe, model, state: _Denoiser, run: _Run, call_locals: PipelineLocals, request: StepRequest,
-                guidance: StepGuidance, cache: Optional[StepCache] = None):
+                guidance: StepGuidance, denoiser: Optional[str] = None, cache: Optional[StepCache] = None):
         """(D, the predictions for ``request.respond``) for this step; with the fused step, x_{t−1} too (stashed for
         the scheduler's step). A step whose plan has no uncond rows computes the cond rows only, and the cond
-        prediction stands in the uncond branch's place for ``respond``."""
+        prediction stands in the uncond branch's place for ``respond``. A step that reuses the S² correction runs
+        no sub-network and combines with ``denoiser``'s stored Δ; a step that computes one stores its Δ when the
+        config reuses it (correction_every > 1)."""
         rows = request.rows
         with_uncond = rows.count == 2 and guidance.uncond
         if rows.count == 2 and not with_uncond:
             rows = rows.only(request.cond_branch)
-        preds = self.predictions(model, state, run, rows, guidance.subnets, cache)
+        subnets = guidance.subnets if guidance.computes_subnets else ()
+        preds = self.predictions(model, state, run, rows, subnets, cache)
         if rows is not request.rows:  # [cond, subs...] -> the request's branches, cond in the uncond slot too
             preds = [preds[0]] * request.rows.count + list(preds[1:])
         part = request.guided_part or (lambda p: p)
@@ -415,6 +430,13 @@ class Controller:
         uncond = part(preds[request.uncond_branch]) if with_uncond else None
         cond, subs = part(preds[request.cond_branch]), [part(p) for p in preds[branches:]]
         scale = None if uncond is None else request.guidance_scale + guidance.guidance_offset
+        correction = None
+        if guidance.reuse_correction:
+            stored = run.corrections[denoiser]
+            stored.reused += 1
+            correction = stored.delta
+        elif guidance.correction == "computed" and getattr(self.config, "correction_every", 1) > 1:
+            run.corrections[denoiser] = _StoredCorrection(correction_of(cond, subs))
         if not run.fused_decided:
             # An adapter without the fused step never gets here with fused_step=True: wrap refuses that.
             run.fused = None
@@ -425,7 +447,10 @@ class Controller:
         # the fused step computes x_{t−1} from guided_prediction's D: not from a family's own combine or finish
         if run.fused is not None and request.combine is None and request.finish is None:
             latents, t = self.adapter.loop_sample(call_locals)
-            d = run.fused.step(pipe.scheduler, latents, t, cond, uncond, subs, scale, guidance.omega)
+            d = run.fused.step(pipe.scheduler, latents, t, cond, uncond, subs, scale, guidance.omega,
+                               correction=correction)
+        elif correction is not None:
+            d = (request.combine or guided_prediction)(cond, uncond, subs, scale, guidance.omega, correction=correction)
         else:
             d = (request.combine or guided_prediction)(cond, uncond, subs, scale, guidance.omega)
         return d, preds
@@ -553,12 +578,9 @@ class Controller:
 def step_record(guidance: StepGuidance, cache: Optional[StepCache]) -> StepRecord:
     """What a step ran, for s2fast.trace_steps: its blocks, and its correction (the sub-network term)."""
     cached = cache is not None and cache.cached
-    if not guidance.subnets:
-        correction = "none"
-    elif cached and not cache.recompute_subnets:
-        correction = "reused"  # the sub-network rows took the last full step's residual
-    else:
-        correction = "computed"
+    correction = guidance.correction  # "none", "computed", or "reused" (S2Config.correction_every's stored Δ)
+    if correction == "computed" and cached and not cache.recompute_subnets:
+        correction = "reused"  # the sub-network rows took the last full step's residual (BlockCache subnet "reuse")
     return StepRecord("cached" if cached else "full", correction)
 
 

@@ -110,9 +110,10 @@ class FusedStep:
         self.dts = (sigmas[1:] - sigmas[:-1]).to(device)
 
     def step(self, scheduler, latents: torch.Tensor, t, cond: torch.Tensor, uncond: Optional[torch.Tensor],
-             subs: Sequence[torch.Tensor], guidance_scale: Optional[float], omega: float) -> torch.Tensor:
+             subs: Sequence[torch.Tensor], guidance_scale: Optional[float], omega: float,
+             correction: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Compute and stash x_{t−1} for the scheduler's step from the loop's x_t (``latents``) and ``t``; return D
-        for the pipeline."""
+        for the pipeline. ``correction``: a stored Δ in place of S̄ − C (a reuse step, ``subs`` empty)."""
         if scheduler.step_index is None:
             scheduler._init_step_index(t)  # what the stock step would do first; the same index either way
         index = scheduler.step_index
@@ -120,7 +121,7 @@ class FusedStep:
         d = torch.empty_like(cond)
         x_next = guided_flow_step(latents, cond, dt=self.dts[index], uncond=uncond, sub=sub,
                                   guidance_scale=guidance_scale, omega=omega, mode=self.mode, guided_out=d,
-                                  dt_device=self.dt_device)
+                                  dt_device=self.dt_device, correction=correction)
         self.hook.pending = _Pending(latents, t, index, x_next)
         return d
 

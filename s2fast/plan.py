@@ -13,7 +13,7 @@ by step. A new method is a config with ``guidance_steps`` and ``warmup_subnets``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
 from . import masks as mask_sampling
@@ -26,6 +26,20 @@ class StepGuidance:
     uncond: bool = True           # compute the uncond rows where the pipeline runs CFG (else D has no CFG term)
     guidance_offset: float = 0.0  # λ_i = the pipeline's λ + this (0.0 keeps λ bit for bit)
     omega: float = 0.0            # ω_i, the scale of the subtracted sub-network term
+    # S̄ − D_c is the stored correction Δ of an earlier step of this denoiser: ``subnets`` (the masks drawn for the
+    # step, which trace reports) are not run (S2Config.correction_every, see with_correction_reuse)
+    reuse_correction: bool = False
+
+    @property
+    def computes_subnets(self) -> bool:
+        return bool(self.subnets) and not self.reuse_correction
+
+    @property
+    def correction(self) -> str:
+        """What the step does with the sub-network term, as s2fast.trace_steps reports it."""
+        if not self.subnets or self.omega == 0:
+            return "none"
+        return "reused" if self.reuse_correction else "computed"
 
 
 def guidance_steps(config, num_steps: int, num_blocks: int, seed: Optional[int] = None,
@@ -37,6 +51,20 @@ def guidance_steps(config, num_steps: int, num_blocks: int, seed: Optional[int] 
         return own(num_steps, num_blocks, seed)
     masks = mask_sampling.schedule(config, num_steps, num_blocks, seed=seed, sigmas=sigmas)
     return [StepGuidance(m, omega=config.omega) for m in masks]
+
+
+def with_correction_reuse(config, step: StepGuidance, reused_since: Optional[int]) -> StepGuidance:
+    """``step`` as it runs under ``config.correction_every`` = k, for a denoiser whose stored correction Δ has been
+    reused on ``reused_since`` S² steps since the step that computed it (None: no Δ stored in this call, at the
+    denoiser's first S² step, which for Wan 2.2's second expert is the first after the switch).
+
+    Only S² steps count (a mask and ω > 0; the plain CFG steps outside the interval neither compute nor age Δ): the
+    first computes, then every k-th. A reuse step keeps its mask in the plan, so the masks of computed steps are
+    those of k = 1 and trace replays a call with the same k. k = 1 returns ``step`` itself: nothing changes."""
+    every = getattr(config, "correction_every", 1)
+    if every == 1 or not step.subnets or step.omega == 0 or reused_since is None or reused_since >= every - 1:
+        return step
+    return replace(step, reuse_correction=True)
 
 
 def warmup_subnets(config, num_blocks: int) -> Tuple[Mask, ...]:

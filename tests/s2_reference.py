@@ -38,6 +38,39 @@ def combine(u, c, subs, lam, omega):
     return d
 
 
+class CorrectionReuse:
+    """S2Config.correction_every written plainly: per denoiser (``key``: each expert its own), the S² steps (a mask,
+    ω > 0) are counted; the first and then every ``every``-th runs its sub-networks and keeps Δ = S̄ − C, the ones
+    between combine with the kept Δ and run no sub-network. ``log``: "computed", "reused" or "none" per step."""
+
+    def __init__(self, every):
+        self.every, self.kept, self.log = every, {}, []
+
+    def combine(self, key, u, c, masks, run_subs, lam, omega):
+        d = c if u is None else u + lam * (c - u)
+        if not masks or omega == 0:
+            self.log.append("none")
+            return d
+        kept = self.kept.get(key)
+        if kept is None or kept[1] == self.every - 1:
+            subs = run_subs()
+            s = subs[0] if len(subs) == 1 else (sum(x.float() for x in subs) * (1.0 / len(subs))).to(subs[0].dtype)
+            kept = self.kept[key] = [s - c, 0]
+            self.log.append("computed")
+        else:
+            kept[1] += 1
+            self.log.append("reused")
+        return d - omega * kept[0]
+
+
+def guided(u, c, masks, run_subs, lam, omega, reuse=None, key=None):
+    """Eq. 4 of a step whose sub-networks ``run_subs()`` computes (under ``reuse``, a CorrectionReuse, only where
+    the step computes them)."""
+    if reuse is None:
+        return combine(u, c, run_subs(), lam, omega)
+    return reuse.combine(key, u, c, masks, run_subs, lam, omega)
+
+
 def step_masks(masks, num_masks=1):
     """Config-form masks -> list of per-step lists of masks."""
     out = []
@@ -51,18 +84,19 @@ def step_masks(masks, num_masks=1):
     return out
 
 
-def _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg):
+def _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg, reuse=None):
     """The three-pass loop itself: run(prompt_embeds, pooled, t, skip) -> prediction at the current latents."""
     for i, t in enumerate(sched.timesteps):
         u = run(latents, emb["negative_prompt_embeds"], emb["negative_pooled_prompt_embeds"], t) if cfg else None
         c = run(latents, emb["prompt_embeds"], emb["pooled_prompt_embeds"], t)
-        subs = [run(latents, emb["prompt_embeds"], emb["pooled_prompt_embeds"], t, m)
-                for m in step_masks(masks, num_masks)[i]]
-        latents = sched.step(combine(u, c, subs, lam, omega), t, latents, return_dict=False)[0]
+        step = step_masks(masks, num_masks)[i]
+        subs = lambda: [run(latents, emb["prompt_embeds"], emb["pooled_prompt_embeds"], t, m) for m in step]  # noqa: E731,B023
+        latents = sched.step(guided(u, c, step, subs, lam, omega, reuse), t, latents, return_dict=False)[0]
     return latents
 
 
-def sd3_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, width, num_masks=1, cfg=True):
+def sd3_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, width, num_masks=1, cfg=True,
+                   reuse=None):
     model = pipe.transformer
     blocks = list(model.transformer_blocks)
     dtype = emb["prompt_embeds"].dtype
@@ -76,10 +110,11 @@ def sd3_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, width
             return model(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=pe,
                          pooled_projections=pooled, return_dict=False)[0]
 
-    return _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg)
+    return _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg, reuse)
 
 
-def flux_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, width, num_masks=1, cfg=True):
+def flux_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, width, num_masks=1, cfg=True,
+                    reuse=None):
     model = pipe.transformer
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
     dtype = emb["prompt_embeds"].dtype
@@ -98,7 +133,7 @@ def flux_three_pass(pipe, emb, masks, *, steps, lam, omega, seed=0, height, widt
                          pooled_projections=pooled, encoder_hidden_states=pe, txt_ids=txt_ids, img_ids=img_ids,
                          return_dict=False)[0]
 
-    return _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg)
+    return _sample(sched, latents, run, emb, masks, lam, omega, num_masks, cfg, reuse)
 
 
 def dit_loop_start(pipe, class_labels, *, steps, seed, null_class):
@@ -128,7 +163,8 @@ def dit_loop_start(pipe, class_labels, *, steps, seed, null_class):
     return latents, labels, null, sched, run
 
 
-def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_masks=1, null_class=1000):
+def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_masks=1, null_class=1000,
+                   reuse=None):
     """DiTPipeline's loop with three separate forwards: [cond] and [null] rows, and cond with blocks skipped
     (a DiT block returns its hidden states); Eq. 4 on the eps channels; the scheduler steps the cond half.
     Also DigitsFlowPipeline's loop (null_class=10; its flow-matching scheduler scales no model input)."""
@@ -139,14 +175,15 @@ def dit_three_pass(pipe, class_labels, masks, *, steps, lam, omega, seed=0, num_
         x = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
         u = run(x, null, t) if lam > 1 else None
         cond = run(x, labels, t)
-        subs = [run(x, labels, t, m) for m in step_masks(masks, num_masks)[i]]
-        latents = sched.step(combine(u, cond, subs, lam, omega), t, latents).prev_sample
+        step = step_masks(masks, num_masks)[i]
+        subs = lambda: [run(x, labels, t, m) for m in step]  # noqa: E731,B023
+        latents = sched.step(guided(u, cond, step, subs, lam, omega, reuse), t, latents).prev_sample
     return latents
 
 
 @torch.no_grad()
 def wan_three_pass(pipe, emb, masks, *, steps, lam, omega, lam_2=None, seed=0, height, width, num_frames,
-                   image=None, num_masks=1, cfg=True, latents=None, strength=None):
+                   image=None, num_masks=1, cfg=True, latents=None, strength=None, reuse=None):
     """WanPipeline's / WanImageToVideoPipeline's loop with separate batch-B forwards (cond, uncond, cond with the
     masked blocks of the expert that runs skipped; a Wan block returns its hidden states), the expert and λ chosen
     by the boundary as the pipeline does, Eq. 4, and a fresh scheduler. ``image``: image-to-video (the condition
@@ -207,8 +244,10 @@ def wan_three_pass(pipe, emb, masks, *, steps, lam, omega, lam_2=None, seed=0, h
             timestep = t.expand(b)
         u = run(expert, x, emb["negative_prompt_embeds"], timestep) if cfg else None
         c = run(expert, x, emb["prompt_embeds"], timestep)
-        subs = [run(expert, x, emb["prompt_embeds"], timestep, m) for m in step_masks(masks, num_masks)[i]]
-        latents = sched.step(combine(u, c, subs, scale, omega), t, latents, return_dict=False)[0]
+        step = step_masks(masks, num_masks)[i]
+        subs = lambda: [run(expert, x, emb["prompt_embeds"], timestep, m) for m in step]  # noqa: E731,B023
+        d = guided(u, c, step, subs, scale, omega, reuse, key=id(expert))
+        latents = sched.step(d, t, latents, return_dict=False)[0]
     if image is not None and expand:
         latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
     return latents

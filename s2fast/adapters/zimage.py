@@ -31,10 +31,13 @@ from ..kernels import mean_of_subs
 from .base import BranchRows, FamilyAdapter, LaneState, StepRequest, model_output
 
 
-def zimage_combine(cond, uncond, subs, scale, omega):
-    """Eq. 4 in ZImagePipeline's form and precision: C + λ(C − U) − ω(S̄ − C), every operand in fp32."""
+def zimage_combine(cond, uncond, subs, scale, omega, correction=None):
+    """Eq. 4 in ZImagePipeline's form and precision: C + λ(C − U) − ω(S̄ − C), every operand in fp32; with a stored
+    ``correction`` Δ (S2Config.correction_every) in place of S̄ − C: C + λ(C − U) − ωΔ."""
     c = cond.float()
     d = c if uncond is None else c + scale * (c - uncond.float())
+    if correction is not None:
+        return d - omega * correction.float()
     if not subs or omega == 0:
         return d
     return d - omega * (mean_of_subs(subs).float() - c)

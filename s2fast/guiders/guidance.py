@@ -82,6 +82,9 @@ class _EngineGuidance(BaseGuidance):
         if config.branch_parallel:
             raise ValueError(f"s2fast.{name}: branch_parallel is not supported by the guiders (the modular loop asks "
                              "for its batches one by one); use it with s2fast.wrap")
+        if getattr(config, "correction_every", 1) != 1:
+            raise ValueError(f"s2fast.{name}: correction_every is not supported by the guiders (a guider keeps no "
+                             "state across the steps of a call); use it with s2fast.wrap")
         super().__init__(start, stop, enabled)
         self.guidance_scale = float(guidance_scale)
         self.s2fast_config = config
