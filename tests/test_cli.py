@@ -480,6 +480,38 @@ def test_method_sgg_defaults_on_digits_and_an_s2_record_carries_no_sgg_settings(
     assert "skip_blocks" not in settings and "skip_scale" not in settings
 
 
+def test_cache_and_correction_reuse_match_the_library_and_are_recorded(tmp_path):
+    out = tmp_path / "out"
+    assert cli("generate", "digits", "--prompt", "3", "--steps", "10", "--omega", "0.5", "--cache", "0.3",
+               "--correction-every", "2", "--out", out) == 0
+    run = run_json(out)
+    assert run["settings"]["cache"] == 0.3 and run["settings"]["correction_every"] == 2
+    (record,) = run["images"]
+    from s2fast.digits import load_default_pipeline
+
+    pipe = load_default_pipeline()
+    s2fast.wrap(pipe, S2Config(omega=0.5, seed=0, cache=s2fast.BlockCache(threshold=0.3), correction_every=2))
+    image = pipe([3], num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images[0]
+    steps = [[r.blocks, r.correction] for r in s2fast.trace_steps(pipe)]
+    assert record["runs"]["s2"]["steps"] == steps
+    assert ["cached", "reused"] in steps  # the options did something (else the equality says little)
+    np.testing.assert_array_equal(png(out / "00000-3.png"), np.asarray(image.convert("RGB")))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--method", "cfg", "--cache", "0.1"], "apply to --method s2 or sgg"),
+    (["--method", "cfg", "--correction-every", "2"], "apply to --method s2 or sgg"),
+    (["--method", "sgg", "--correction-every", "2"], "applies to --method s2, not sgg"),
+    (["--cache", "-0.5"], "--cache"),
+    (["--correction-every", "0"], "--correction-every"),
+])
+def test_cache_option_errors_are_one_line(tmp_path, capsys, argv, words):
+    assert cli("generate", "digits", "--prompt", "1", "--out", tmp_path / "out", *argv) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert words in line, line
+    assert not (tmp_path / "out").exists()
+
+
 # --- writing --out: every failure one line, nothing finished lost ----------------------------------------------
 
 

@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", action="store_true",
                      help="also sample CFG from the same noise and write a labelled side-by-side image or video "
                           "(CFG left)")
+    gen.add_argument("--cache", type=_finite(0, False), default=None, metavar="THRESHOLD",
+                     help="s2 and sgg: a step cache over every branch and sub-network (s2fast.BlockCache with this "
+                          "threshold: FirstBlockCache's rule); a step whose first block barely changed reuses the "
+                          "last full step's residuals. Changes the output; off by default (0 caches no step)")
+    gen.add_argument("--correction-every", type=_positive_int, default=1, metavar="K",
+                     help="s2: run the sub-networks on every K-th S² step only and reuse their correction between "
+                          "(S2Config.correction_every); K > 1 changes the output (default 1)")
     gen.add_argument("--prompts", metavar="FILE", default=None,
                      help="one prompt per line (blank lines skipped); resumable: prompts whose outputs exist are "
                           "skipped")
@@ -207,6 +214,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error("give exactly one of --prompt TEXT and --prompts FILE")
         if args.compare and args.method == "cfg":
             parser.error("--compare samples CFG beside the chosen method: choose another --method than cfg")
+        if args.method == "cfg" and (args.cache is not None or args.correction_every != 1):
+            parser.error("--cache and --correction-every apply to --method s2 or sgg: --method cfg is the stock "
+                         "pipeline, untouched")
+        if args.method == "sgg" and args.correction_every != 1:
+            parser.error("--correction-every reuses S²'s correction: it applies to --method s2, not sgg")
     if args.command in ("generate", "bench") and args.drop_ratio >= 1:
         parser.error(f"argument --drop-ratio: must be < 1, got {args.drop_ratio:g}")
     if args.command in ("generate", "bench") and args.strength is not None and args.strength > 1:

@@ -39,7 +39,7 @@ from .runtime import Processes, StepClock
 
 SETTINGS = ("model", "method", "compare", "omega", "drop_ratio", "steps", "guidance", "guidance_2", "seed",
             "negative_prompt", "height", "width", "frames", "fps", "image", "mask", "video", "strength", "dtype",
-            "offload")
+            "offload", "cache", "correction_every")
 
 
 @dataclass
@@ -71,6 +71,7 @@ class Sample:
     step_times_s: List[float]      # per denoising step; the first includes the call's set-up
     total_time_s: float            # the whole call (encoding, steps, decoding)
     trace: Optional[List]          # the blocks each step's sub-network dropped; None for stock CFG
+    steps: Optional[List] = None   # per step [blocks, correction] (s2fast.trace_steps); None for stock CFG
 
 
 def read_prompts(args) -> List[str]:
@@ -254,10 +255,12 @@ def sample(pipes: Dict, family, args, prompt: str, seed: int, device, inputs: Op
                             "smaller --height/--width or --dtype bf16)") from None
         except (ValueError, TypeError) as e:  # the pipeline's own refusal of an option value
             raise UserError(f"{type(pipe).__name__} refused the options: {str(e).strip().splitlines()[0]}") from None
-        trace = s2fast.trace(pipe) if s2fast.config_of(pipe) is not None else None
+        wrapped = s2fast.config_of(pipe) is not None
+        trace = s2fast.trace(pipe) if wrapped else None
+        steps = [None if r is None else [r.blocks, r.correction] for r in s2fast.trace_steps(pipe)] if wrapped else None
         output = result.frames[0] if family.video else result.images[0]
         samples[method] = Sample(method, output, clock.step_times, clock.total,
-                                 None if trace is None else [_jsonable(m) for m in trace])
+                                 None if trace is None else [_jsonable(m) for m in trace], steps)
     return samples
 
 
@@ -320,7 +323,8 @@ def _generate(pipes: Dict, family, args, job: Job, settings: Dict, device, proce
         _write_output(both, path, "compare", family.video, fps, labels=labels,
                       stills=[samples[m].output for m in methods])
     record = {"index": job.index, "prompt": job.prompt, "seed": job.seed, "files": files, "settings": settings,
-              "runs": {m: {"total_time_s": s.total_time_s, "step_times_s": s.step_times_s, "trace": s.trace}
+              "runs": {m: {"total_time_s": s.total_time_s, "step_times_s": s.step_times_s, "trace": s.trace,
+                  "steps": s.steps}
                        for m, s in samples.items()},
               "process": processes.index, "device": str(device),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -32,10 +32,22 @@ def _s2(pipe, args) -> None:
 
 
 def s2_config(args):
-    """The S2Config the options ask for (ω and the mask seed; everything else at its default)."""
+    """The S2Config the options ask for (ω, the drop ratio, the mask seed, and generate's cache and correction
+    reuse; everything else at its default)."""
     from s2fast import S2Config
 
-    return S2Config(omega=args.omega, drop_ratio=args.drop_ratio, seed=args.seed, branch_parallel=_branch(args))
+    return S2Config(omega=args.omega, drop_ratio=args.drop_ratio, seed=args.seed, branch_parallel=_branch(args),
+                    cache=block_cache(args), correction_every=getattr(args, "correction_every", 1))
+
+
+def block_cache(args):
+    """generate --cache THRESHOLD as a BlockCache (None without it; the bench command has no such option)."""
+    threshold = getattr(args, "cache", None)
+    if threshold is None:
+        return None
+    from s2fast import BlockCache
+
+    return BlockCache(threshold=threshold)
 
 
 def _sgg(pipe, args) -> None:
@@ -74,7 +86,8 @@ def sgg_config(args, depth: int):
     their defaults: CFG on the first half of the steps, skip-layer guidance on the second)."""
     from s2fast import SGGConfig
 
-    return SGGConfig(skip_blocks=skip_blocks(args, depth), skip_scale=args.skip_scale, branch_parallel=_branch(args))
+    return SGGConfig(skip_blocks=skip_blocks(args, depth), skip_scale=args.skip_scale, branch_parallel=_branch(args),
+                     cache=block_cache(args))
 
 
 def settings_of_method(args, pipe) -> Dict:
