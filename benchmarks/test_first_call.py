@@ -30,8 +30,7 @@ from s2fast import S2Config, fork_choice, tiny
 
 STEPS = 6
 SHAPES = {
-    "tiny": (tiny.SD3Shape(num_layers=24, heads=1, head_dim=8, latent_size=4, text_tokens=4, joint_attention_dim=8,
-                           pooled_dim=8), 9),
+    "tiny": (tiny.LAUNCH_SD3, 9),
     "mid": (tiny.BENCH_SD3, 5),
 }
 S2 = S2Config(omega=0.25, seed=0)

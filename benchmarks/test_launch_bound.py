@@ -24,8 +24,7 @@ from s2fast.engine import block_rows
 
 STEPS = 8
 SHAPES = {
-    "tiny": (tiny.SD3Shape(num_layers=24, heads=1, head_dim=8, latent_size=4, text_tokens=4, joint_attention_dim=8,
-                           pooled_dim=8), 12),
+    "tiny": (tiny.LAUNCH_SD3, 12),
     "mid": (tiny.BENCH_SD3, 5),
 }
 S2 = S2Config(omega=0.25, seed=0, fused_step=False)  # the fused step is the same in every case: kept out

@@ -31,6 +31,9 @@ class SD3Shape:
 
 
 # 24 blocks like SD3-medium, hidden 256, 32×32 latents (256 image tokens), 77 text tokens.
+# the launch-bound shape: a block call is a few dozen small ops, so the host's per-op cost dominates a step
+LAUNCH_SD3 = SD3Shape(num_layers=24, heads=1, head_dim=8, latent_size=4, text_tokens=4, joint_attention_dim=8,
+                      pooled_dim=8)
 BENCH_SD3 = SD3Shape(num_layers=24, heads=4, head_dim=64, latent_size=32, text_tokens=77,
                      joint_attention_dim=256, pooled_dim=256)
 # SD3-medium itself (GPU timing, random weights): 24 joint blocks, hidden 1536 (24 heads × 64), T5+CLIP context
