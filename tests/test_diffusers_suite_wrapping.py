@@ -7,7 +7,7 @@ import inspect
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from diffusers_suite.wrapping import install, omega_from, uninstall
+from diffusers_suite.wrapping import WRAPPED, install, omega_from, uninstall
 
 import s2fast
 from s2fast import tiny
@@ -30,6 +30,7 @@ def test_a_supported_pipeline_is_wrapped_at_its_first_call(installed):
     assert s2fast.config_of(pipe) is None
     out = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
     assert s2fast.config_of(pipe) == s2fast.S2Config(omega=0.25)
+    assert WRAPPED["StableDiffusion3Pipeline"] == 1
     assert len(s2fast.trace(pipe)) == 2 and all(s2fast.trace(pipe))  # a sub-network at each step: S² ran
     s2fast.unwrap(pipe)
     stock = pipe(**kw, generator=torch.Generator().manual_seed(0)).images

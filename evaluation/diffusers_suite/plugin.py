@@ -18,7 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = str(default_cache())
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from .wrapping import forget_pipelines, install, omega_from  # noqa: E402
+from .wrapping import WRAPPED, forget_pipelines, install, omega_from  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -40,3 +40,10 @@ def pytest_report_header(config):
 
 def pytest_runtest_teardown(item):
     forget_pipelines()  # a finished test's pipelines are released
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    info = getattr(config, "_s2fast_suite", {})
+    if info.get("omega") is not None:
+        counts = ", ".join(f"{name} {n}" for name, n in sorted(WRAPPED.items())) or "none"
+        terminalreporter.write_line(f"s2fast suite: omega={info['omega']}; pipelines wrapped: {counts}")

@@ -56,7 +56,9 @@ def run_way(tests: Path, files, out: Path, name: str, omega, extra_path: str) ->
     start = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
         rc = subprocess.call(cmd, cwd=tests, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return {"way": name, "omega": omega, "returncode": rc, "seconds": round(time.perf_counter() - start, 1)}
+    seconds = round(time.perf_counter() - start, 1)
+    summary = [line.strip() for line in open(out / f"{name}.log") if line.startswith("s2fast suite:")]
+    return {"way": name, "omega": omega, "returncode": rc, "seconds": seconds, "wrapped": summary[-1:] or None}
 
 
 def main(argv=None) -> int:

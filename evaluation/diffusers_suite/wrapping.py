@@ -3,6 +3,7 @@ part that changes what the tests run; no side effect at import)."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 from typing import Optional
@@ -10,6 +11,8 @@ from typing import Optional
 # The wrapping already done: id(pipe) -> pipe (kept alive so that an id is never reused by a new pipeline).
 _SEEN: dict = {}
 _ORIGINAL_CALLS: dict = {}
+# How many instances of each class were wrapped: the run's evidence that the wrapping happened.
+WRAPPED: collections.Counter = collections.Counter()
 
 
 def omega_from(option: Optional[str]) -> Optional[float]:
@@ -42,6 +45,7 @@ def install(omega: float) -> list:
             if id(self) not in _SEEN:
                 _SEEN[id(self)] = self
                 s2fast.wrap(self, s2fast.S2Config(omega=omega))
+                WRAPPED[type(self).__name__] += 1
             return _original(self, *args, **kwargs)
 
         _ORIGINAL_CALLS[cls] = original
@@ -59,3 +63,4 @@ def uninstall() -> None:
         cls.__call__ = original
     _ORIGINAL_CALLS.clear()
     _SEEN.clear()
+    WRAPPED.clear()
