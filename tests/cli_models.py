@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import string
 
 import pytest
 import torch
 
 from s2fast import tiny
+from s2fast.tiny_tokenizers import clip_tokenizer, t5_tokenizer
 
 # A DiT's id2label, as ImageNet checkpoints carry it in model_index.json (several names per class, comma-separated).
 ID2LABEL = {"0": "tench, Tinca tinca", "1": "goldfish, Carassius auratus", "207": "golden retriever"}
@@ -21,26 +21,6 @@ def save_dit(path: str) -> str:
     pipe.save_pretrained(path)
     _add_to_index(path, id2label=ID2LABEL)
     return path
-
-
-def clip_tokenizer():
-    """CLIP's byte-level BPE over single characters (each with and without the end-of-word mark) and no merges:
-    every word is spelt out letter by letter, which is all a random-weight encoder needs."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
-
-
-def t5_tokenizer():
-    """T5's unigram tokenizer over lowercase letters, digits and punctuation (anything else maps to <unk>)."""
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    pieces += [(c, -2.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def _clip_encoder(cls, vocab: int, hidden: int, projection: int):

@@ -35,6 +35,7 @@ CORE_PREFIXES = ("s2fast.api", "s2fast.serving", "s2fast.binding", "s2fast.contr
 # What no module of the core may reach, at any depth: the command, the demos, the modular guiders (the classic
 # path never needs them), the digits model, the random test models and the evaluation folder.
 ABOVE_CORE = ("s2fast.cli", "s2fast.demo", "s2fast.cost_demo", "s2fast.guiders", "s2fast.digits", "s2fast.tiny",
+              "s2fast.tiny_tokenizers",
               "s2fast_eval")
 # Imports inside functions that stay: each loads an optional dependency (triton; the compiled extension).
 OPTIONAL_BACKENDS = {"s2fast.kernels.flow_step_triton", "s2fast.kernels.flow_step_cuda"}

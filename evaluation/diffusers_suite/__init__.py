@@ -1,0 +1,1 @@
+"""diffusers' own pipeline tests with s2fast wrapped in (README.md)."""
