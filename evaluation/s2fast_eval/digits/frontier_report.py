@@ -22,6 +22,8 @@ def load(folder: str) -> Dict[str, dict]:
     out = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         name = os.path.splitext(os.path.basename(path))[0]
+        if name == "paired":  # the paired report's own output, not a run
+            continue
         with open(path) as f:
             out[name] = json.load(f)
     return out
