@@ -21,7 +21,7 @@ from s2fast.digits.classifier import features_of, load_judge
 
 from ..quality.metrics import gaussian_stats, rms_coordinate
 from .data import heldout_halves, load_mnist, split
-from .frontier_report import LABELS, load, method_of
+from .frontier_report import LABELS, label, load, method_of
 from .paired import PooledImages, bootstrap, mean_se, on_curve, seed_differences
 
 # the per-seed metrics compared, with their display scale and the sample count they are measured at
@@ -30,12 +30,11 @@ POOLED_KEYS = (("frechet_heldout", 1.0), ("kid", 1000.0), ("frechet", 1.0))
 
 
 def _method(row: dict) -> str:
-    return row.get("method") or method_of(row)
+    return method_of(row)
 
 
 def _label(method: str) -> str:
-    base = method.split("[")[0]
-    return LABELS.get(base, base) + method[len(base):]
+    return label(method)
 
 
 def collect(data: Dict[str, dict]):
