@@ -160,7 +160,7 @@ def pooled_section(images: Dict[str, dict], cfg_names: Dict[float, str], rows, d
     for r in methods:
         by_method.setdefault(_method(r), []).append(r["name"])
     guided_cfg = [nm for lam, nm in cfg_curve.items() if lam != 1.0]
-    for key, _ in POOLED_KEYS:
+    for key, _ in POOLED_KEYS if guided_cfg else ():
         stats[("cfg best", key, "value")] = lambda m, key=key: min(m[nm][key] for nm in guided_cfg)
         for method, names in by_method.items():
             stats[(method, key, "best")] = lambda m, key=key, names=names: \
