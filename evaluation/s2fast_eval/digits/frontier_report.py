@@ -118,8 +118,9 @@ def markdown(data: Dict[str, dict], folder: str) -> str:
     methods = by_method(data)
     meta = next(r["meta"] for k, r in data.items() if k != "floor")
     lines = [f"# Guidance frontiers: digits checkpoint at training step {meta['step']}", "",
-             f"{meta['samples']} samples per seed × seeds {meta['seeds']}, {meta['steps']} Euler steps; AutoGuidance's "
-             f"weak model: the checkpoint at step {meta['weak_step']}. Mean over seeds ± standard error over seeds "
+             f"{meta['samples']} samples per seed × seeds {meta['seeds']}, {meta['steps']} Euler steps"
+             + (f"; AutoGuidance's weak model: the checkpoint at step {meta['weak_step']}" if meta.get("weak_step")
+                else "") + ". Mean over seeds ± standard error over seeds "
              f"(n = {len(meta['seeds'])}; method-against-CFG differences with paired statistics: paired.md, where "
              "present). Accuracy: "
              "the judge reads the requested class; Fréchet: in the judge's features against the 4500 training "
