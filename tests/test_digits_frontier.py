@@ -77,9 +77,12 @@ def test_settings_build_the_configs_the_docs_name():
 
 
 def row(family, acc, fid, **extra):
+    # two seeds at mean ± half the range: the standard error over them is half the range
+    per_seed = [{"accuracy": acc + d * 0.005, "frechet": fid + d * 0.5, "precision": 0.5, "recall": 0.5} for d in (-1, 1)]
     return {"family": family, "lam": 2.0, "omega": 0.0, "sigma_interval": None, "name": f"{family} {acc} {fid}",
             "accuracy": acc, "frechet": fid, "accuracy_spread": 0.01, "frechet_spread": 1.0, "precision": 0.5,
-            "precision_spread": 0.0, "recall": 0.5, "recall_spread": 0.0, "seconds": 1.0, **extra}
+            "precision_spread": 0.0, "recall": 0.5, "recall_spread": 0.0, "seconds": 1.0, "per_seed": per_seed,
+            **extra}
 
 
 def test_pareto_and_cfg_at_matched_accuracy():
@@ -105,8 +108,20 @@ def test_report_merges_family_files(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "training step 600" in text and "S² (σ in [0.1, 0.9])" in text
     # S² at 96 % accuracy: CFG's λ curve there is 15 + (0.01 / 0.04) · (25 − 15) = 17.5, so Δ = 14 − 17.5
-    assert "| S² (all steps) | s2 0.96 14 | 96.0 ± 1.0 | 14.00 ± 1.00 | 17.50 | -3.50 |" in text
+    assert "| S² (all steps) | s2 0.96 14 | 96.0 ± 0.5 | 14.00 ± 0.50 | 17.50 | -3.50 |" in text
+    assert "standard error over seeds (n = 2" in text
     assert (tmp_path / "frontier.png").stat().st_size > 1000
+
+
+def test_report_gives_config_kwargs_methods_their_own_frontier(tmp_path):
+    meta = {"step": 600, "weak_step": None, "samples": 200, "seeds": [0, 1], "steps": 16, "device": "cpu",
+            "seconds": 60.0, "command": "run ..."}
+    files = {"none": [row("none", 0.85, 20)], "cfg": [row("cfg", 0.95, 15), row("cfg", 0.99, 25)],
+             "s2_cached": [row("s2", 0.96, 13, method="s2[cache=2]", extra={"cache": 2})]}
+    for name, rows in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {**meta, "family": name}, "rows": rows}))
+    frontier.main(["report", "--out", str(tmp_path)])
+    assert "| S² (all steps)[cache=2] | s2 0.96 13 |" in (tmp_path / "results.md").read_text()
 
 
 def test_training_saves_earlier_checkpoints_with_their_step(tmp_path):

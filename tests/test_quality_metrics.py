@@ -4,7 +4,16 @@ import math
 
 import pytest
 import torch
-from s2fast_eval.quality.metrics import all_metrics, frechet_distance, gaussian_stats, mmd2, mode_mean_errors, sliced_wasserstein
+from s2fast_eval.quality.metrics import (
+    all_metrics,
+    frechet_distance,
+    gaussian_stats,
+    kid,
+    mmd2,
+    mode_mean_errors,
+    rms_coordinate,
+    sliced_wasserstein,
+)
 from s2fast_eval.quality.toys import MIXTURE_1D, MIXTURE_2D, MIXTURES
 
 N = 4000
@@ -79,6 +88,48 @@ def test_frechet_from_samples_separates_same_from_shifted():
     shifted = frechet_distance(*gaussian_stats(a + 1.0), *gaussian_stats(b))
     assert 0 <= same < 0.02  # sampling error of 4000 draws in 4 dimensions: ~d²/n ≈ 0.005
     assert shifted == pytest.approx(4.0 + same, abs=0.1)  # |(1, 1, 1, 1)|² = 4
+
+
+def _kid_brute_force(x, y):
+    """KID's unbiased estimator written out as its three sums over index pairs (Bińkowski et al. 2018, Eq. 3)."""
+    def k(a, b):
+        return (float(a.double() @ b.double()) / len(a) + 1.0) ** 3
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_the_brute_force_estimator():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 5, generator=g), torch.randn(9, 5, generator=g) + 0.3
+    # the same float64 sums in another order: only summation rounding differs
+    assert kid(x, y) == pytest.approx(_kid_brute_force(x, y), rel=1e-10, abs=1e-12)
+    assert kid(x, x.clone()) != 0.0  # unbiased: a set against itself is not exactly zero (the diagonals are left out)
+
+
+def test_kid_is_unbiased_near_zero_for_one_distribution_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(1)
+    values = [kid(torch.randn(100, 8, generator=g), torch.randn(150, 8, generator=g)) for _ in range(40)]
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    assert abs(mean) < 4 * sd / len(values) ** 0.5  # zero in expectation, even at 100 against 150 rows
+    assert min(values) < 0 < max(values)            # and so negative at times
+    shifted = kid(torch.randn(100, 8, generator=g) + 1.0, torch.randn(150, 8, generator=g))
+    assert shifted > 20 * sd
+
+
+def test_kid_refuses_sets_it_cannot_estimate_on():
+    with pytest.raises(ValueError, match="≥ 2 rows"):
+        kid(torch.zeros(1, 3), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="one width"):
+        kid(torch.zeros(3, 3), torch.zeros(4, 2))
+
+
+def test_rms_coordinate():
+    assert rms_coordinate(torch.full((4, 3), -2.0)) == pytest.approx(2.0)
+    assert rms_coordinate(torch.tensor([[3.0, 4.0]])) == pytest.approx((12.5) ** 0.5)
 
 
 # --- the premise test of S² on the toys (evaluation/s2fast_eval/quality/toy_alignment.py) ---------------------------------------

@@ -49,3 +49,21 @@ def split(images: torch.Tensor, labels: torch.Tensor, held_out_per_class: int = 
     for c in range(10):
         held[torch.nonzero(labels == c).flatten()[:held_out_per_class]] = True
     return (images[~held], labels[~held]), (images[held], labels[held])
+
+
+HELDOUT_REFERENCE_PER_CLASS = 25  # of the 50 held-out digits per class: the held-out metrics' reference
+
+
+def heldout_halves(held_y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices into the held-out digits (``split``'s second part): (reference, floor), the first
+    HELDOUT_REFERENCE_PER_CLASS of each class and the rest. Samples are compared with the reference half; the real
+    data floor scores the other half against it, so no image is on both sides of a comparison."""
+    ref, rest = [], []
+    for c in range(10):
+        rows = torch.nonzero(held_y == c).flatten()
+        if len(rows) <= HELDOUT_REFERENCE_PER_CLASS:
+            raise ValueError(f"class {c} has {len(rows)} held-out digits; the halves need more than "
+                             f"{HELDOUT_REFERENCE_PER_CLASS}")
+        ref.append(rows[:HELDOUT_REFERENCE_PER_CLASS])
+        rest.append(rows[HELDOUT_REFERENCE_PER_CLASS:])
+    return torch.cat(ref), torch.cat(rest)

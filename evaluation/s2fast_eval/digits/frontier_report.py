@@ -22,16 +22,31 @@ def load(folder: str) -> Dict[str, dict]:
     out = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         name = os.path.splitext(os.path.basename(path))[0]
+        if name == "paired":  # the paired report's own output, not a run
+            continue
         with open(path) as f:
             out[name] = json.load(f)
     return out
 
 
 def method_of(row: dict) -> str:
-    """The frontier a setting belongs to: S² splits by interval (every step, or the central 80 % in σ)."""
+    """The frontier a setting belongs to: S² splits by interval (every step, or the central 80 % in σ), and a
+    family run with extra config arguments (``run --config-kwargs``) is a method of its own, ``family[k=v]``."""
+    base = row.get("method") or row["family"]
     if row["family"] == "s2" and row.get("sigma_interval"):
-        return "s2σ"
-    return row["family"]
+        return base.replace("s2", "s2σ", 1)
+    return base
+
+
+def label(method: str) -> str:
+    """The display name: LABELS' for the built-in methods, with any extra config arguments after it."""
+    base = method.split("[")[0]
+    return LABELS.get(base, base) + method[len(base):]
+
+
+def methods_in_order(methods: Dict[str, list]) -> List[str]:
+    """The built-in methods in LABELS' order, then the others (config-kwargs methods) by name."""
+    return [k for k in LABELS if k in methods] + sorted(k for k in methods if k not in LABELS)
 
 
 def pareto(rows: Sequence[dict]) -> List[dict]:
@@ -77,8 +92,26 @@ def by_method(data: Dict[str, dict]) -> Dict[str, List[dict]]:
     return methods
 
 
+def standard_error(row: dict, key: str) -> Optional[float]:
+    """The standard error over seeds (sample standard deviation / √n) from the row's per-seed values (``per_seed``,
+    or a floor's ``per_set``); None with fewer than two."""
+    values = [s[key] for s in row.get("per_seed", row.get("per_set", [])) if key in s]
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
 def _fmt(row: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
-    return f"{scale * row[key]:.{digits}f} ± {scale * row[key + '_spread']:.{digits}f}"
+    """mean ± standard error over seeds (mean ± range, marked so, for rows without per-seed values)."""
+    if key not in row:
+        return "–"
+    se = standard_error(row, key)
+    if se is not None:
+        return f"{scale * row[key]:.{digits}f} ± {scale * se:.{digits}f}"
+    if row.get(key + "_spread") is not None:
+        return f"{scale * row[key]:.{digits}f} (range {scale * row[key + '_spread']:.{digits}f})"
+    return f"{scale * row[key]:.{digits}f}"
 
 
 def markdown(data: Dict[str, dict], folder: str) -> str:
@@ -86,7 +119,9 @@ def markdown(data: Dict[str, dict], folder: str) -> str:
     meta = next(r["meta"] for k, r in data.items() if k != "floor")
     lines = [f"# Guidance frontiers: digits checkpoint at training step {meta['step']}", "",
              f"{meta['samples']} samples per seed × seeds {meta['seeds']}, {meta['steps']} Euler steps; AutoGuidance's "
-             f"weak model: the checkpoint at step {meta['weak_step']}. Mean over seeds ± range (max − min). Accuracy: "
+             f"weak model: the checkpoint at step {meta['weak_step']}. Mean over seeds ± standard error over seeds "
+             f"(n = {len(meta['seeds'])}; method-against-CFG differences with paired statistics: paired.md, where "
+             "present). Accuracy: "
              "the judge reads the requested class; Fréchet: in the judge's features against the 4500 training "
              f"images; precision/recall: improved k-NN (k = 3) against {meta['samples']} real training digits. "
              f"{meta['device']}; the machine was shared with other jobs (times are loaded wall times).", "",
@@ -116,35 +151,37 @@ def markdown(data: Dict[str, dict], folder: str) -> str:
         lines += ["## Each method against CFG at the same accuracy", "",
                   "For every setting, CFG's Fréchet distance at that setting's accuracy, read off CFG's λ curve "
                   "(linear between its λ grid points, λ = 1 being the unguided model); Δ = setting − CFG there, "
-                  "negative = better than CFG. Per method, the setting with the most negative Δ; 'spread' is the "
-                  "setting's own seed range. Settings outside the accuracies CFG's grid spans have no Δ.", "",
-                  "| method | setting | accuracy % | Fréchet | CFG at that accuracy | Δ | spread | precision | recall |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for key in LABELS:
-            if key in ("none", "cfg") or key not in methods:
+                  "negative = better than CFG. Per method, the setting with the most negative Δ (the most "
+                  "negative of several is biased towards luck: paired.md gives each setting's paired statistic). "
+                  "Settings outside the accuracies CFG's grid spans have no Δ.", "",
+                  "| method | setting | accuracy % | Fréchet | CFG at that accuracy | Δ | precision | recall |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key in methods_in_order(methods):
+            if key in ("none", "cfg"):
                 continue
             scored = [(r, cfg_at(cfg, r["accuracy"])) for r in methods[key] if r["name"] != "none"]
             scored = [(r, c) for r, c in scored if c is not None]
             if not scored:
-                lines.append(f"| {LABELS[key]} | outside CFG's accuracy range | | | | | | | |")
+                lines.append(f"| {label(key)} | outside CFG's accuracy range | | | | | | |")
                 continue
             r, c = min(scored, key=lambda rc: rc[0]["frechet"] - rc[1])
-            lines.append(f"| {LABELS[key]} | {r['name']} | {_fmt(r, 'accuracy', 100, 1)} | {_fmt(r, 'frechet')} | "
-                         f"{c:.2f} | {r['frechet'] - c:+.2f} | {r['frechet_spread']:.2f} | {_fmt(r, 'precision')} | "
-                         f"{_fmt(r, 'recall')} |")
+            lines.append(f"| {label(key)} | {r['name']} | {_fmt(r, 'accuracy', 100, 1)} | {_fmt(r, 'frechet')} | "
+                         f"{c:.2f} | {r['frechet'] - c:+.2f} | {_fmt(r, 'precision')} | {_fmt(r, 'recall')} |")
         lines.append("")
         lines.append("")
     lines += ["## Every setting", "",
-              "| method | setting | accuracy % | Fréchet | Δ vs CFG at that accuracy | precision | recall | time s |",
-              "|---|---|---|---|---|---|---|---|"]
-    for key in LABELS:
-        for r in methods.get(key, []):
+              "| method | setting | accuracy % | Fréchet | Δ vs CFG at that accuracy | KID ×10³ (held-out) | "
+              "precision | recall | time s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for key in methods_in_order(methods):
+        for r in methods[key]:
             if key != "none" and r["name"] == "none":
                 continue
             c = cfg_at(cfg, r["accuracy"]) if cfg and key not in ("none", "cfg") else None
             delta = f"{r['frechet'] - c:+.2f}" if c is not None else "–"
-            lines.append(f"| {LABELS[key]} | {r['name']} | {_fmt(r, 'accuracy', 100, 1)} | {_fmt(r, 'frechet')} | "
-                         f"{delta} | {_fmt(r, 'precision')} | {_fmt(r, 'recall')} | {r['seconds']:.0f} |")
+            lines.append(f"| {label(key)} | {r['name']} | {_fmt(r, 'accuracy', 100, 1)} | {_fmt(r, 'frechet')} | "
+                         f"{delta} | {_fmt(r, 'kid_heldout', 1000, 2)} | {_fmt(r, 'precision')} | "
+                         f"{_fmt(r, 'recall')} | {r['seconds']:.0f} |")
     lines += ["", "Plot: [frontier.png](frontier.png) (a line per method: CFG and AutoGuidance along λ, the "
                   "others through their Pareto set; hollow dots: the other settings; triangle: the real-data floor)."]
     return "\n".join(lines) + "\n"
@@ -153,14 +190,14 @@ def markdown(data: Dict[str, dict], folder: str) -> str:
 def plot(data: Dict[str, dict], path: str) -> None:
     methods = by_method(data)
     acc_series, pr_series = {}, {}
-    for key in LABELS:
-        if key not in methods or key == "none":
+    for key in methods_in_order(methods):
+        if key == "none":
             continue
         rows = methods[key]
         front = sorted(rows, key=lambda r: r["lam"]) if key in ("cfg", "auto") else pareto(rows)
-        acc_series[LABELS[key]] = ([(100 * r["accuracy"], r["frechet"]) for r in front],
+        acc_series[label(key)] = ([(100 * r["accuracy"], r["frechet"]) for r in front],
                                    [(100 * r["accuracy"], r["frechet"]) for r in rows if r not in front])
-        pr_series[LABELS[key]] = ([], [(r["recall"], r["precision"]) for r in rows])  # points only: no order to join
+        pr_series[label(key)] = ([], [(r["recall"], r["precision"]) for r in rows])  # points only: no order to join
     marks = {}
     if "floor" in data:
         f = data["floor"]
