@@ -2,6 +2,7 @@
 
     python -m s2fast_eval.digits.cache_quality run --checkpoint C --out DIR --tag NAME --settings SPEC,...
     python -m s2fast_eval.digits.cache_quality report --out DIR     # DIR/results.md (+ results.json)
+    python -m s2fast_eval.digits.cache_quality fbc --checkpoint C --out DIR   # diffusers' FirstBlockCache beside it
 
 A setting is ``METHOD@λ`` or ``METHOD@λ:P``:
 
@@ -23,6 +24,7 @@ reads it too.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -181,6 +183,46 @@ def run(args) -> None:
                                 "settings_planned": len(args.settings)}, "rows": rows}, f, indent=1)
 
 
+@torch.no_grad()
+def fbc_check(args) -> None:
+    """diffusers' FirstBlockCache on the unwrapped pipeline (on a copy of the transformer, as
+    benchmarks/test_step_cache_cost.py runs it) beside ``cfgcache`` at the same threshold, λ and seed: block-rows,
+    cached steps and the largest pixel difference, to ``DIR/fbc_check.json``. FirstBlockCache measures the change on
+    the whole [cond, null] batch, BlockCache on the cond rows: they may cache different steps."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    from s2fast.digits.pipeline import DigitsFlowPipeline
+
+    base = load_default_pipeline(args.checkpoint)
+    base.set_progress_bar_config(disable=True)
+    labels, seed = balanced_labels(args.samples), args.seeds[0]
+    ours, ours_cost = sample(base, CacheSetting("cfgcache", args.lam, threshold=args.threshold), labels, seed,
+                             args.steps)
+    model = copy.deepcopy(base.transformer)
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=args.threshold))
+    pipe = DigitsFlowPipeline(model, copy.deepcopy(base.scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    _set_cache_context(model, CacheContext("cond"))  # what a diffusers pipeline with cache support does
+    try:
+        theirs, cost = sample(pipe, CacheSetting("cfg", args.lam), labels, seed, args.steps)
+    finally:
+        _set_cache_context(model, None)
+        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
+    L = len(model.transformer_blocks)
+    full = 2 * L * args.steps
+    record = {"checkpoint": args.checkpoint, "lam": args.lam, "threshold": args.threshold, "seed": seed,
+              "samples": args.samples, "steps": args.steps,
+              "blockcache": {"block_rows": ours_cost["block_rows"], "cached_steps": ours_cost["cached_steps"]},
+              # a FirstBlockCache cached step runs block 0 on both rows: its cached steps follow from the rows
+              "firstblockcache": {"block_rows": cost["block_rows"],
+                                  "cached_steps": (full - cost["block_rows"]) / (2 * (L - 1))},
+              "max_abs_pixel_diff": float((ours - theirs).abs().max()) / 2}
+    print(json.dumps(record))
+    with open(os.path.join(args.out, "fbc_check.json"), "w") as f:
+        json.dump(record, f, indent=1)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m s2fast_eval.digits.cache_quality",
                                 description=__doc__.split("\n\n")[0])
@@ -194,10 +236,20 @@ def parse_args(argv=None):
     r.add_argument("--samples", type=int, default=100, help="samples per seed, a multiple of 10 (default 100)")
     r.add_argument("--seeds", default="0,1,2,3,4,5", help="comma-separated seeds (default 0 to 5)")
     r.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
+    fbc = sub.add_parser("fbc", help="diffusers' FirstBlockCache beside cfgcache: block-rows and cached steps")
+    fbc.add_argument("--checkpoint", required=True)
+    fbc.add_argument("--out", required=True)
+    fbc.add_argument("--lam", type=float, default=2.0)
+    fbc.add_argument("--threshold", type=float, default=0.1)
+    fbc.add_argument("--samples", type=int, default=100)
+    fbc.add_argument("--seeds", default="0", help="the first is used")
+    fbc.add_argument("--steps", type=int, default=50)
     rep = sub.add_parser("report", help="results.md and results.json from every run file of --out")
     rep.add_argument("--out", required=True)
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    if args.command == "fbc":
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
     if args.command == "run":
         try:
             args.settings = [parse_setting(s, args.omega) for s in args.settings.split(",") if s]
@@ -214,6 +266,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.command == "run":
         run(args)
+    elif args.command == "fbc":
+        fbc_check(args)
     else:
         from .cache_report import write_report
 

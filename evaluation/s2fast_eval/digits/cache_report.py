@@ -29,7 +29,7 @@ def load_rows(folder: str) -> (List[dict], List[dict]):
     row whose counted block-rows differ from the cost model's on some seed."""
     rows, metas = [], []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        if os.path.basename(path) == "results.json":
+        if os.path.basename(path) in ("results.json", "fbc_check.json"):
             continue
         with open(path) as f:
             record = json.load(f)
@@ -142,6 +142,17 @@ def write_report(folder: str) -> str:
                      " | ".join(_signed(c[k + '_matched'], s, d) for k, s, d, _ in DELTAS) + " | " +
                      _signed(c["accuracy_same_lam"], 100.0, 1) + " | " +
                      " | ".join(_signed(c[k + '_same_lam'], s, d) for k, s, d, _ in DELTAS[:1]) + " |")
+    check = os.path.join(folder, "fbc_check.json")
+    if os.path.exists(check):
+        with open(check) as f:
+            fbc = json.load(f)
+        lines += ["", "## diffusers' FirstBlockCache beside BlockCache at ω = 0", "",
+                  f"λ = {fbc['lam']:g}, threshold {fbc['threshold']:g}, seed {fbc['seed']}, {fbc['samples']} samples, "
+                  f"{fbc['steps']} steps: FirstBlockCache (diffusers, on the unwrapped pipeline, measuring the whole "
+                  f"[cond, null] batch) {fbc['firstblockcache']['block_rows']:g} block-rows per sample, "
+                  f"{fbc['firstblockcache']['cached_steps']:g} cached steps; BlockCache at ω = 0 (the cond rows) "
+                  f"{fbc['blockcache']['block_rows']:g} block-rows, {fbc['blockcache']['cached_steps']:g} cached steps; "
+                  f"largest pixel difference between their images {fbc['max_abs_pixel_diff']:.2g} (pixels in [0, 1])."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(text)
