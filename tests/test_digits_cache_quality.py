@@ -62,7 +62,7 @@ def test_counted_block_rows_equal_the_cost_model(digits):
 
 
 def _row(method, lam, per_seed, threshold=None):
-    return {"family": "s2", "method": method, "name": f"{method} {lam}", "lam": lam, "threshold": threshold,
+    return {"family": "s2", "method": method, "name": f"{method} {lam}", "lam": lam, "omega": 0.0, "threshold": threshold,
             "per_seed": [dict(v, model_block_rows=v["block_rows"]) for v in per_seed],
             **{k: per_seed[0][k] for k in per_seed[0]}, **{k + "_se": None for k in per_seed[0]},
             "cached_steps": 0.0, "reused_corrections": 0.0, "seconds": 1.0}
@@ -92,6 +92,8 @@ def test_report_pairs_each_seed_with_its_own_reference_curve(tmp_path):
     assert comps[("s2cache 2.0", "CFG + cache t=0.1")]["frechet_same_lam"][0] == pytest.approx((20 - 40) / 2)
     assert ("cfgcache 2.0", "CFG + cache t=0.1") not in comps  # a point on its own curve
     assert "| s2cache 2.0 | 26.0 |" in text
+    # the cache's own cost: CFG + cache against CFG at λ = 2, seed by seed: (410 − 400, 440 − 420) → +15.0 ± 5.0
+    assert "| cfgcache 2.0 | cfg 2.0 | 20.0 / 48.0 | +0.0 ± 0.0 (2) | +15.0 ± 5.0 (2) |" in text
     rows[3]["per_seed"][1]["model_block_rows"] = 25  # a cost model that disagrees with the count: refused
     (tmp_path / "a.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     with pytest.raises(ValueError, match="cost model"):

@@ -104,6 +104,19 @@ def comparisons(rows: List[dict]) -> List[dict]:
     return out
 
 
+def own_costs(rows: List[dict]) -> List[tuple]:
+    """(setting, the same method uncached at the same λ and ω): CFG + cache against CFG, S² + cache and S² reuse
+    against S²."""
+    plain = {("cfg" if r["method"] == "cfg" else "s2", r["lam"], r["omega"]): r for r in rows
+             if r["method"] in ("cfg", "s2")}
+    out = []
+    for r in rows:
+        base = {"cfgcache": "cfg", "s2cache": "s2", "s2reuse": "s2"}.get(r["method"])
+        if base and (base, r["lam"], r["omega"]) in plain:
+            out.append((r, plain[(base, r["lam"], r["omega"])]))
+    return out
+
+
 def write_report(folder: str) -> str:
     rows, metas = load_rows(folder)
     order = {m: i for i, m in enumerate(("none", "cfg", "cfgcache", "s2", "s2cache", "s2reuse"))}
@@ -142,6 +155,18 @@ def write_report(folder: str) -> str:
                      " | ".join(_signed(c[k + '_matched'], s, d) for k, s, d, _ in DELTAS) + " | " +
                      _signed(c["accuracy_same_lam"], 100.0, 1) + " | " +
                      " | ".join(_signed(c[k + '_same_lam'], s, d) for k, s, d, _ in DELTAS[:1]) + " |")
+    lines += ["", "## What the cache (or the reuse) costs each method: setting − the same method uncached, same λ", "",
+              "Per seed, mean ± standard error (seeds). Accuracy in points.", "",
+              "| setting | uncached | block-rows | Δ accuracy pts | " + " | ".join(t for *_, t in DELTAS) + " |",
+              "|---|---|---|---|" + "---|" * len(DELTAS)]
+    for row, base in own_costs(rows):
+        def diff(key, row=row, base=base):
+            return mean_se([row["by_seed"][s][key] - base["by_seed"][s][key]
+                            for s in row["by_seed"] if s in base["by_seed"]])
+
+        lines.append(f"| {row['name']} | {base['name']} | {row['block_rows']:.1f} / {base['block_rows']:.1f} | "
+                     + _signed(diff("accuracy"), 100.0, 1) + " | "
+                     + " | ".join(_signed(diff(k), s, d) for k, s, d, _ in DELTAS) + " |")
     check = os.path.join(folder, "fbc_check.json")
     if os.path.exists(check):
         with open(check) as f:
