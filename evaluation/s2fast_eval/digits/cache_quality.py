@@ -40,7 +40,7 @@ from s2fast.digits.classifier import load_judge
 from s2fast.digits.pipeline import balanced_labels, load_default_pipeline
 from s2fast.engine import block_rows, cached_block_rows
 
-from .frontier import Scorer, save_images, summarise
+from .frontier import Scorer, _training_step, save_images, summarise
 
 COMMAND = "PYTHONPATH=evaluation python -m s2fast_eval.digits.cache_quality"
 METHODS = ("none", "cfg", "cfgcache", "s2", "s2cache", "s2reuse")
@@ -157,7 +157,8 @@ def run(args) -> None:
     scorer = Scorer(load_judge(), args.samples)
     labels = balanced_labels(args.samples)
     os.makedirs(args.out, exist_ok=True)
-    meta = {"checkpoint": args.checkpoint, "samples": args.samples, "seeds": args.seeds, "steps": args.steps,
+    meta = {"checkpoint": args.checkpoint, "step": _training_step(args.checkpoint),
+            "samples": args.samples, "seeds": args.seeds, "steps": args.steps,
             "omega": args.omega, "command": f"{COMMAND} " + " ".join(args.argv),
             "device": f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
                       f"{torch.get_num_threads()} threads"}
