@@ -29,7 +29,7 @@ def load_rows(folder: str) -> (List[dict], List[dict]):
     row whose counted block-rows differ from the cost model's on some seed."""
     rows, metas = [], []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        if os.path.basename(path) in ("results.json", "fbc_check.json"):
+        if os.path.basename(path) in ("results.json", "fbc_check.json", "paired.json"):  # not runs
             continue
         with open(path) as f:
             record = json.load(f)
