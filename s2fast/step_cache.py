@@ -13,7 +13,10 @@ The rule (FirstBlockCache's, generalised to the first n blocks, not accumulated)
   same residual at the last fully computed step: ``mean|r − r_ref| / mean|r_ref|`` in fp32. r_ref changes only at
   full steps, so the change is measured against the last full step, never summed over the cached steps between
   (TeaCache's accumulated, rescaled L1 is the other common rule; this one needs no per-model polynomial). With
-  n = 1 it is diffusers' FirstBlockCache's measure exactly;
+  n = 1 it is diffusers' FirstBlockCache's measure, taken on the cond rows alone: FirstBlockCache measures whatever
+  batch its transformer call holds (both branches where a pipeline batches [cond, uncond], as DiT and the digits
+  pipeline do, so it may cache other steps: 28 of 50 against 30 on the digits model at threshold 0.1,
+  evaluation/s2fast_eval/digits/cache_quality.py fbc), and each branch apart where a pipeline calls twice a step;
 - strictly under ``threshold``, the step is *cached*: the remaining blocks run on no lane and each group of rows
   takes h_n + R, R being its own residual (output minus h_n) from the last full step: U, C and each sub-network
   keep their own, keyed by role (uncond, cond, sub-network m), never mixed. Otherwise the step runs fully and
@@ -56,7 +59,7 @@ class BlockCache:
     Args:
         threshold: skip a step's remaining blocks when the relative L1 change of the cond rows' residual over the
             first ``probe_blocks`` blocks, against the last full step, is strictly below this (diffusers'
-            FirstBlockCache measure; its default is 0.05). Higher skips more. Finite and ≥ 0.
+            FirstBlockCache's measure on the cond rows; its default is 0.05). Higher skips more. Finite and ≥ 0.
         warmup_steps: the first steps that always run fully (the first and the last step always do). ≥ 0.
         probe_blocks: n, the blocks every step runs on every lane before deciding. At least 1 and at most the
             first block a sub-network can drop (S²: the first block outside ``protected_blocks``; SGG: the first

@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(CFG left)")
     gen.add_argument("--cache", type=_finite(0, False), default=None, metavar="THRESHOLD",
                      help="s2 and sgg: a step cache over every branch and sub-network (s2fast.BlockCache with this "
-                          "threshold: FirstBlockCache's rule); a step whose first block barely changed reuses the "
-                          "last full step's residuals. Changes the output; off by default (0 caches no step)")
+                          "threshold: FirstBlockCache's measure on the cond rows); a step whose first block barely "
+                          "changed reuses the last full step's residuals. Changes the output; off by default (0 "
+                          "caches no step)")
     gen.add_argument("--correction-every", type=_positive_int, default=1, metavar="K",
                      help="s2: run the sub-networks on every K-th S² step only and reuse their correction between "
                           "(S2Config.correction_every); K > 1 changes the output (default 1)")
