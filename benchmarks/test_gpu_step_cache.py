@@ -10,7 +10,8 @@ cache some fraction f of the steps, the sample costs interpolate between the unc
 
 Cases (each one whole pipeline call, output_type="latent", timed with CUDA events, interleaved rounds after a warm-up
 call that also captures the block graphs): stock-cfg (a sibling pipeline that is not wrapped), s2fast-s2,
-s2fast-s2-cached (subnet "reuse"), s2fast-s2-cached-recompute, s2fast-cfg-cached (ω = 0 with the cache). Reported per
+s2fast-s2-cached (subnet "reuse"), s2fast-s2-cached-recompute, s2fast-cfg-cached (ω = 0 with the cache),
+s2fast-s2-reuse-k2 (no cache; S2Config.correction_every=2: the sub-networks run every other S² step). Reported per
 case: median seconds, ratio to stock CFG, peak memory, the block-row floor of the steps that ran (from
 s2fast.trace and s2fast.trace_steps) and the cached steps.
 
@@ -76,6 +77,8 @@ def _floor(pipe, config, num_blocks: int) -> float:
     for masks, record in zip(s2fast.trace(pipe), s2fast.trace_steps(pipe)):
         subnets = [masks] if masks else []
         if record.blocks == "full":
+            if record.correction == "reused":  # correction_every: the stored Δ stood in, no sub-network ran
+                subnets = []
             total += block_rows(num_blocks, 2, subnets)
         else:
             total += cached_block_rows(num_blocks, 2, subnets, config.cache.probe_blocks,
@@ -98,6 +101,7 @@ def test_cached_s2_end_to_end(interleaved, name):
         "s2fast-s2-cached-recompute": s2.replace(cache=BlockCache(threshold=10.0, warmup_steps=2,
                                                                    subnet="recompute")),
         "s2fast-cfg-cached": s2.replace(omega=0.0, cache=ALWAYS),
+        "s2fast-s2-reuse-k2": s2.replace(correction_every=2),   # the S² correction computed every other step
     }
     cases, peaks = {}, {name_: {} for name_ in ["stock-cfg", *configs]}
     cases["stock-cfg"] = _timed_call(stock, kw, lambda: None, peaks["stock-cfg"])
