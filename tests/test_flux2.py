@@ -14,6 +14,7 @@ are batch 1 again and the comparison is exact. S² moves the result by far more 
 
 import pytest
 import torch
+from built_once import BuiltOnce
 from s2_reference_families import flux2_three_pass
 
 import s2fast
@@ -62,16 +63,12 @@ def _klein():
 
 _BUILD = {"dev": lambda: Case(), "klein": lambda: Case(klein=True),
           "klein_distilled": lambda: Case(klein=True, is_distilled=True)}
-_CASES = {}
+_CASES = BuiltOnce(_BUILD)
 
 
 @pytest.fixture(params=list(_BUILD))
 def case(request):
-    if request.param not in _CASES:
-        _CASES[request.param] = _BUILD[request.param]()
-    c = _CASES[request.param]
-    yield c
-    s2fast.unwrap(c.pipe)
+    yield from _CASES.unwrapped_after(request.param)
 
 
 def test_omega_zero_is_stock_and_unwrap_is_bit_exact(case):
@@ -98,7 +95,7 @@ def test_s2_matches_a_plain_three_pass_loop(case):
 
 def test_skipping_the_last_double_block_and_the_first_single_block():
     """The forward joins the streams between the two block kinds; a mask across that seam must still match."""
-    case = _CASES.setdefault("dev", _BUILD["dev"]())
+    case = _CASES["dev"]
     masks = ((1, 2), (1,), (2,), (1, 2))
     expected = case.reference(masks)
     s2fast.wrap(case.pipe, S2Config(omega=0.5, masks=masks, **SEPARATE))
@@ -109,7 +106,7 @@ def test_skipping_the_last_double_block_and_the_first_single_block():
 
 
 def test_images_per_prompt_at_omega_zero_is_stock():
-    case = _CASES.setdefault("klein", _BUILD["klein"]())
+    case = _CASES["klein"]
     stock = case(num_images_per_prompt=2)
     s2fast.wrap(case.pipe, S2Config(omega=0.0))
     try:
@@ -121,7 +118,7 @@ def test_images_per_prompt_at_omega_zero_is_stock():
 def test_the_kv_cache_pipeline_is_refused_by_name():
     from diffusers import Flux2KleinKVPipeline
 
-    case = _CASES.setdefault("klein", _BUILD["klein"]())
+    case = _CASES["klein"]
     kv = Flux2KleinKVPipeline(**case.pipe.components)
     with pytest.raises(ValueError, match="does not support Flux2KleinKVPipeline"):
         s2fast.wrap(kv, S2Config())
@@ -136,7 +133,7 @@ def test_klein_with_a_reference_image_matches_the_reference_and_refuses_a_forced
     import numpy as np
     from PIL import Image
 
-    case = _CASES.setdefault("klein", _BUILD["klein"]())
+    case = _CASES["klein"]
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 64, 3), dtype=np.uint8))
     stock = case(image=image)
     expected = flux2_three_pass(case.pipe, case.emb, MASKS, steps=STEPS, lam=4.0, omega=0.5, cfg=True, image=image,
@@ -157,7 +154,7 @@ def test_klein_with_a_reference_image_matches_the_reference_and_refuses_a_forced
 
 def test_a_mask_past_the_last_single_block_is_refused_at_wrap():
     """Bad input: block indices run over the double blocks then the single ones (5 here); index 5 does not exist."""
-    case = _CASES.setdefault("dev", _BUILD["dev"]())
+    case = _CASES["dev"]
     with pytest.raises(ValueError, match="drops block 5, but the model has 5 blocks"):
         s2fast.wrap(case.pipe, S2Config(masks=((5,), (1,), (), (2,))))
     assert s2fast.config_of(case.pipe) is None

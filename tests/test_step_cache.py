@@ -13,6 +13,7 @@ compared exactly).
 
 import pytest
 import torch
+from built_once import BuiltOnce
 from step_cache_reference import CachedReference
 
 import s2fast
@@ -79,27 +80,17 @@ def _wan22():
 
 
 _BUILD = {"digits": _digits, "dit": _dit, "sd3": _sd3, "flux": _flux, "wan22": _wan22}
-_CASES = {}
-
-
-def _case(name):
-    if name not in _CASES:
-        _CASES[name] = _BUILD[name]()
-    return _CASES[name]
+_CASES = BuiltOnce(_BUILD)
 
 
 @pytest.fixture(params=list(_BUILD))
 def case(request):
-    c = _case(request.param)
-    yield c
-    s2fast.unwrap(c.pipe)
+    yield from _CASES.unwrapped_after(request.param)
 
 
 @pytest.fixture
 def digits():
-    c = _case("digits")
-    yield c
-    s2fast.unwrap(c.pipe)
+    yield from _CASES.unwrapped_after("digits")
 
 
 def _blocks(pipe):
@@ -198,7 +189,7 @@ def test_warmup_steps_run_fully(digits):
 
 
 def test_two_experts_keep_their_own_stores_and_the_switch_step_runs_fully():
-    case = _case("wan22")
+    case = _CASES["wan22"]
     try:
         s2fast.wrap(case.pipe, S2Config(omega=0.5, seed=1, cache=BlockCache(threshold=10.0)))
         case()
@@ -334,7 +325,7 @@ def test_the_fused_step_under_a_cache(digits):
 def test_diffusers_caches_are_refused_naming_the_s2fast_cache():
     from diffusers import FirstBlockCacheConfig
 
-    case = _case("flux")
+    case = _CASES["flux"]
     model = case.pipe.transformer
     model.enable_cache(FirstBlockCacheConfig(threshold=0.1))
     try:

@@ -12,6 +12,7 @@ multistep update carries through the steps. atol 1e-4 bounds that; S² (ω = 0.5
 import numpy as np
 import pytest
 import torch
+from built_once import BuiltOnce
 from PIL import Image
 from s2_reference import wan_three_pass
 
@@ -70,34 +71,22 @@ _BUILD = {
     "ti2v_i2v": lambda: Case(tiny.wan_pipeline(SHAPE, image_to_video=True, expand_timesteps=True, seed=5), SHAPE,
                              image=True),
 }
-_CASES = {}
-
-
-def _case(name):
-    if name not in _CASES:
-        _CASES[name] = _BUILD[name]()
-    return _CASES[name]
+_CASES = BuiltOnce(_BUILD)
 
 
 @pytest.fixture(params=list(_BUILD))
 def case(request):
-    c = _case(request.param)
-    yield c
-    s2fast.unwrap(c.pipe)
+    yield from _CASES.unwrapped_after(request.param)
 
 
 @pytest.fixture
 def wan21():
-    c = _case("wan21")
-    yield c
-    s2fast.unwrap(c.pipe)
+    yield from _CASES.unwrapped_after("wan21")
 
 
 @pytest.fixture
 def wan22():
-    c = _case("wan22")
-    yield c
-    s2fast.unwrap(c.pipe)
+    yield from _CASES.unwrapped_after("wan22")
 
 
 MASKS = ((1,), (2, 3), (), (2,))  # on both sides of the boundary for the two-expert cases
@@ -300,7 +289,7 @@ def test_block_graphs_serve_wan_blocks_and_equal_eager(name):
     TI2V's per-token modulation, replay graphs captured at the warm-up, bit for bit equal to the eager engine."""
     from s2fast.graphs import EagerBackend
 
-    case = _case(name)
+    case = _CASES[name]
     config = S2Config(omega=0.5, drop_ratio=0.5, seed=None)  # fresh masks every call
     graphed, traces = [], []
     s2fast.wrap(case.pipe, config, _graph_backend=EagerBackend())
