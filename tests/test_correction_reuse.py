@@ -15,8 +15,8 @@ import torch
 from s2_reference import CorrectionReuse, dit_three_pass, wan_three_pass
 from s2fast.kernels import correction_of, dispatch, guided_flow_step
 from s2fast.kernels.flow_step_reference import reference_flow_step
+from test_wan import _CASES as WAN_CASES
 from test_wan import STEPS as WAN_STEPS
-from test_wan import _case as wan_case
 
 import s2fast
 from s2fast import S2Config, SGGConfig, tiny
@@ -156,7 +156,7 @@ def test_a_new_resolution_starts_with_an_empty_store(sd3):
 
 # --- Wan 2.2: two experts, each with its own store ----------------------------------------------------------------
 def test_wan22_experts_keep_their_own_store_and_the_switch_step_computes():
-    case = wan_case("wan22")  # two steps on each expert
+    case = WAN_CASES["wan22"]  # two steps on each expert
     masks = ((1,), (2,), (3,), (2,))
     reuse = CorrectionReuse(3)
     emb = case.emb
