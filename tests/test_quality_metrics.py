@@ -168,3 +168,67 @@ def test_alignment_fit_on_known_lines():
     assert abs(orthogonal["beta"]) < 1e-12 and orthogonal["r2"] == pytest.approx(0.0, abs=1e-12)
     flipped = fit(x, -0.5 * x + 0.5 * torch.stack([-x[:, 1], x[:, 0]], dim=1))  # half along −x, half across
     assert flipped["beta"] == pytest.approx(-0.5) and flipped["r2"] == pytest.approx(0.5)
+
+
+def test_exact_unconditional_velocity_transports_noise_to_the_mixture():
+    """Integrating the class-posterior-weighted velocity carries N(0, I) to the equal-weight mixture: every sample
+    lands near one mode, each mode gets about a quarter (sampling error of a share at n = 4000 is about 0.007), and
+    within a mode the spread is the class's s = 1 (tolerance 0.1, as for the conditional test above)."""
+    from s2fast_eval.quality.toy_alignment import exact_unconditional_velocity
+
+    x = torch.randn(4000, 2, generator=torch.Generator().manual_seed(1))
+    sigmas = torch.linspace(1.0, 0.0, 401)
+    for i in range(400):
+        x = x + (sigmas[i + 1] - sigmas[i]) * exact_unconditional_velocity(MIXTURE_2D, x, float(sigmas[i]))
+    nearest = torch.cdist(x, MIXTURE_2D.mean_tensor()).argmin(1)
+    for c in range(4):
+        xc = x[nearest == c]
+        assert abs(len(xc) / 4000 - 0.25) < 0.03
+        assert (xc.mean(0) - MIXTURE_2D.mean_tensor()[c]).abs().max() < 0.15  # modes 8 apart: truncation is tiny
+        assert (xc.std(0) - 1.0).abs().max() < 0.1
+
+
+def test_along_path_fits_each_target_on_its_own_error():
+    """Step 0 of a CFG path, recomputed here from the definitions: each target's fit is of D_s − D_c on its own
+    error (a swapped target changes the fitted β and sizes, which the comparison at 1e-9 would catch). An
+    untrained model suffices: the wiring, not the premise, is under test. A λ = 1 path fits the conditional target
+    only (the CFG prediction is D_c there)."""
+    from s2fast.config import S2Config
+    from s2fast.masks import sample_step
+    from s2fast_eval.quality.toy_alignment import (along_path, exact_unconditional_velocity, exact_velocity, fit,
+                                                   subnetwork)
+    from s2fast_eval.quality.toy_model import ToyDenoiser
+
+    torch.manual_seed(0)
+    model = ToyDenoiser(2, 4, hidden=16, num_blocks=6).eval()
+    with torch.no_grad():
+        rows = along_path(MIXTURE_2D, model, 3.0, samples=40, steps=4, masks_per_step=2, seed=5)
+        assert list(along_path(MIXTURE_2D, model, 1.0, samples=40, steps=4, masks_per_step=2, seed=5)) == ["cond"]
+        labels = MIXTURE_2D.balanced_labels(40)
+        x = torch.randn(40, 2, generator=torch.Generator().manual_seed(5))
+        sigma = torch.ones(40)
+        cond, uncond = model(x, sigma, labels), model(x, sigma, torch.full_like(labels, 4))
+        d = uncond + 3.0 * (cond - uncond)
+        exact_c, exact_u = exact_velocity(MIXTURE_2D, x, 1.0, labels), exact_unconditional_velocity(MIXTURE_2D, x, 1.0)
+        masks = [sample_step(5000 + k, 0, S2Config(seed=5), 6)[0] for k in range(2)]
+        deviation = torch.cat([subnetwork(model, x, sigma, labels, m) - cond for m in masks])
+    expected = {"cond": cond - exact_c, "cfg": d - exact_c, "cfg_exact": d - (exact_u + 3.0 * (exact_c - exact_u))}
+    assert set(rows) == set(expected)
+    for name, error in expected.items():
+        want = fit(error.repeat(2, 1), deviation)
+        got = rows[name][0]
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, key)
+
+
+def test_alignment_across_seeds():
+    """β's mean, standard error (sample std / √n) and positive count over seeds, on numbers worked by hand."""
+    from s2fast_eval.quality.toy_alignment import across_seeds
+
+    part = lambda beta: [{"sigma_from": 1.0, "sigma_to": 0.5, "beta_pooled": beta, "r2_mean": 0.1,
+                          "rms_model_error": 0.2, "rms_subnet_deviation": 0.3}]
+    (row,) = across_seeds([part(0.1), part(-0.2), part(0.4)])
+    assert row["n"] == 3 and row["beta_positive"] == 2
+    assert row["beta_mean"] == pytest.approx(0.1)
+    assert row["beta_se"] == pytest.approx(0.3 / 3 ** 0.5)  # deviations 0, −0.3, 0.3: sample std 0.3
+    assert row["r2_mean"] == pytest.approx(0.1)

@@ -11,6 +11,12 @@ R² = 1 − |y − βx|² / |y|² (the share of the sub-network's deviation that
 sizes. D_s is pooled over several S² sub-networks per step (drop ratio 0.1, block 0 protected, as S² draws them).
 The path is CFG's (λ = 4 by default, where CFG overshoots and the paper's correction should show) and the
 conditional one (λ = 1).
+
+S² adds its correction to the CFG prediction D_cfg = D_u + λ (D_c − D_u), not to D_c, so on a CFG path two more
+targets are fitted: the CFG prediction's error against the exact conditional velocity (what the sample should
+follow), and against the exact CFG velocity (the same combination of the exact conditional and unconditional
+velocities: the model's own error inside CFG, without CFG's intended overshoot). Each training seed trains its own
+models; the table gives β's mean ± standard error over the seeds.
 """
 
 from __future__ import annotations
@@ -40,6 +46,18 @@ def exact_velocity(mixture: Mixture, x: torch.Tensor, sigma: float, labels: torc
     return (sigma - a * s2) / v * (x - a * mu) - mu
 
 
+def exact_unconditional_velocity(mixture: Mixture, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The equal-weight mixture's velocity: each class's :func:`exact_velocity` weighted by the class posterior
+    p(c | x_σ) ∝ N(x; a μ_c, v I), the same v for every class (all classes share the standard deviation)."""
+    a, s2 = 1.0 - sigma, mixture.std ** 2
+    mu = mixture.mean_tensor().to(x)
+    v = a * a * s2 + sigma * sigma
+    weights = torch.softmax(-(x[:, None, :] - a * mu[None]).pow(2).sum(-1) / (2 * v), dim=1)  # (n, classes)
+    per_class = torch.stack([exact_velocity(mixture, x, sigma, torch.full((len(x),), c, dtype=torch.long))
+                             for c in range(mixture.num_classes)], dim=1)
+    return (weights[..., None] * per_class).sum(1)
+
+
 def subnetwork(model: ToyDenoiser, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor,
                dropped: Sequence[int]) -> torch.Tensor:
     """The model with the ``dropped`` blocks skipped (a skipped block passes its input through), as S² runs it."""
@@ -61,27 +79,40 @@ def fit(x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
     return {"beta": beta, "r2": r2, "rms_model_error": (xx / n) ** 0.5, "rms_subnet_deviation": (yy / n) ** 0.5}
 
 
+TARGETS = {"cond": "D_c − D_exact", "cfg": "D_cfg − D_exact", "cfg_exact": "D_cfg − exact CFG"}
+
+
 @torch.no_grad()
 def along_path(mixture: Mixture, model: ToyDenoiser, lam: float, samples: int, steps: int, masks_per_step: int,
-               seed: int) -> List[Dict[str, float]]:
-    """One row per step: σ, the fit of D_s − D_c on D_c − D_exact over the samples and sub-networks."""
+               seed: int) -> Dict[str, List[Dict[str, float]]]:
+    """Per target (:data:`TARGETS`; the CFG ones on a CFG path only), one row per step: σ and the fit of D_s − D_c
+    on that error over the samples and sub-networks."""
     labels = mixture.balanced_labels(samples)
     x = torch.randn(samples, mixture.dim, generator=torch.Generator().manual_seed(seed))
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     null = torch.full_like(labels, model.null_class)
     cfg = S2Config(seed=seed)
-    rows = []
+    rows: Dict[str, List[Dict[str, float]]] = {name: [] for name in (TARGETS if lam != 1 else ["cond"])}
     for i in range(steps):
+        s = float(sigmas[i])
         sigma = sigmas[i].expand(samples)
         cond = model(x, sigma, labels)
-        error = cond - exact_velocity(mixture, x, float(sigmas[i]), labels)
+        exact_cond = exact_velocity(mixture, x, s, labels)
         deviations = []
         for k in range(masks_per_step):
             (mask,) = sample_step(seed * 1000 + k, i, cfg, len(model.blocks))
             deviations.append(subnetwork(model, x, sigma, labels, mask) - cond)
-        rows.append({"step": i, "sigma": float(sigmas[i]),
-                     **fit(error.repeat(masks_per_step, 1), torch.cat(deviations))})
-        d = cond if lam == 1 else model(x, sigma, null) + lam * (cond - model(x, sigma, null))
+        deviation = torch.cat(deviations)
+        errors = {"cond": cond - exact_cond}
+        d = cond
+        if lam != 1:
+            uncond = model(x, sigma, null)
+            d = uncond + lam * (cond - uncond)
+            exact_uncond = exact_unconditional_velocity(mixture, x, s)
+            errors["cfg"] = d - exact_cond
+            errors["cfg_exact"] = d - (exact_uncond + lam * (exact_cond - exact_uncond))
+        for name, error in errors.items():
+            rows[name].append({"step": i, "sigma": s, **fit(error.repeat(masks_per_step, 1), deviation)})
         x = x + (sigmas[i + 1] - sigmas[i]) * d
     return rows
 
@@ -103,18 +134,38 @@ def summary(rows: List[Dict[str, float]], bins: int = 4) -> List[Dict[str, float
     return out
 
 
+def across_seeds(summaries: List[List[Dict[str, float]]]) -> List[Dict[str, float]]:
+    """Per σ range: β's mean, standard error and sign count over the seeds' summaries, the R² and sizes averaged."""
+    out = []
+    for parts in zip(*summaries):
+        betas = torch.tensor([p["beta_pooled"] for p in parts], dtype=torch.float64)
+        n = len(betas)
+        out.append({"sigma_from": parts[0]["sigma_from"], "sigma_to": parts[0]["sigma_to"], "n": n,
+                    "beta_mean": float(betas.mean()),
+                    "beta_se": float(betas.std() / n ** 0.5) if n > 1 else float("nan"),
+                    "beta_positive": int((betas > 0).sum()),
+                    **{key: sum(p[key] for p in parts) / n
+                       for key in ("r2_mean", "rms_model_error", "rms_subnet_deviation")}})
+    return out
+
+
 def markdown(results: List[Dict]) -> str:
-    lines = ["Fit of the sub-network's deviation D_s − D_c on the full model's error D_c − D_exact (exact closed-form "
-             "velocity), through the origin, per run of steps. β > 0 with R² near 1 is the paper's premise "
-             "(S² then corrects the model's error); β ≈ 0 or R² ≈ 0 means the sub-network's deviation is not the "
-             "model's error. RMS sizes per coordinate.", "",
-             "| mixture | blocks | path | σ range | β | mean R² per step | RMS D_c − D_exact | RMS D_s − D_c |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["Fit of the sub-network's deviation D_s − D_c on an error of the model's prediction (exact closed-form "
+             "velocities), through the origin, per run of steps. β > 0 with R² near 1 is the paper's premise "
+             "(S² then corrects that error); β ≈ 0 or R² ≈ 0 means the sub-network's deviation is not that error. "
+             "β: mean ± standard error over training seeds (n), and in how many seeds it is positive; R² and the RMS "
+             "sizes (per coordinate) are seed means.", "",
+             "| mixture | blocks | path | target | σ range | β | β > 0 | mean R² per step | RMS error | "
+             "RMS D_s − D_c |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        for s in r["summary"]:
-            lines.append(f"| {r['mixture']} | {r['blocks']} | {r['path']} | {s['sigma_from']:.2f}–{s['sigma_to']:.2f} "
-                         f"| {s['beta_pooled']:+.3f} | {s['r2_mean']:.3f} | {s['rms_model_error']:.4f} | "
-                         f"{s['rms_subnet_deviation']:.4f} |")
+        for target, rows in r["across_seeds"].items():
+            for s in rows:
+                se = f" ± {s['beta_se']:.3f}" if s["n"] > 1 else ""
+                lines.append(f"| {r['mixture']} | {r['blocks']} | {r['path']} | {TARGETS[target]} | "
+                             f"{s['sigma_from']:.2f}–{s['sigma_to']:.2f} | {s['beta_mean']:+.3f}{se} ({s['n']}) | "
+                             f"{s['beta_positive']}/{s['n']} | {s['r2_mean']:.3f} | {s['rms_model_error']:.4f} | "
+                             f"{s['rms_subnet_deviation']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -129,7 +180,8 @@ def main(argv=None) -> None:
     p.add_argument("--sampling-steps", type=int, default=32)
     p.add_argument("--masks-per-step", type=int, default=8)
     p.add_argument("--lams", type=float, nargs="+", default=[1.0, 4.0])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="training seeds (each trains its own models; seed s also seeds its sampling path)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,15 +189,21 @@ def main(argv=None) -> None:
     results, start = [], time.perf_counter()
     for name in names:
         for blocks in args.blocks:
-            t0 = time.perf_counter()
-            trained = train(MIXTURES[name], steps=args.train_steps, batch=args.batch, seed=args.seed, num_blocks=blocks)
-            train_s = time.perf_counter() - t0
-            for lam in tqdm(args.lams, desc=f"{name}, {blocks} blocks", unit="path"):
-                rows = along_path(MIXTURES[name], trained.model, lam, args.samples, args.sampling_steps,
-                                  args.masks_per_step, args.seed)
-                results.append({"mixture": name, "blocks": blocks, "path": "cond (λ=1)" if lam == 1 else f"CFG λ={lam:g}",
-                                "lam": lam, "train_seconds": round(train_s, 1), "per_step": rows,
-                                "summary": summary(rows)})
+            per_lam: Dict[float, List[Dict]] = {lam: [] for lam in args.lams}
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                trained = train(MIXTURES[name], steps=args.train_steps, batch=args.batch, seed=seed, num_blocks=blocks)
+                train_s = time.perf_counter() - t0
+                for lam in tqdm(args.lams, desc=f"{name}, {blocks} blocks, seed {seed}", unit="path"):
+                    rows = along_path(MIXTURES[name], trained.model, lam, args.samples, args.sampling_steps,
+                                      args.masks_per_step, seed)
+                    per_lam[lam].append({"seed": seed, "train_seconds": round(train_s, 1), "per_step": rows,
+                                         "summary": {target: summary(r) for target, r in rows.items()}})
+            for lam, seeds in per_lam.items():
+                results.append({"mixture": name, "blocks": blocks, "lam": lam,
+                                "path": "cond (λ=1)" if lam == 1 else f"CFG λ={lam:g}", "seeds": seeds,
+                                "across_seeds": {target: across_seeds([s["summary"][target] for s in seeds])
+                                                 for target in seeds[0]["summary"]}})
     seconds = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps({"args": vars(args), "seconds": round(seconds, 1),
                                                   "results": results}, indent=1))
