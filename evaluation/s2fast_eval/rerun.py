@@ -81,9 +81,18 @@ COMMANDS: Tuple[Command, ...] = (
 )
 
 
-def _run(argv: Sequence[str], log: Path) -> Dict:
+# glibc's malloc returns every large block (over 128 kB by default) to the kernel when it is freed and maps it
+# again at the next allocation, so each step's activations cost page faults: a fifth of a frontier's CPU time was
+# system time. Raising the thresholds keeps the blocks in the process; the results are the same bit for bit (the
+# arithmetic does not change), and a digits setting took about 0.82 of the CPU time (benchmarks/quality/README.md,
+# "Rerunning the paired set"). --malloc-default switches it off, to measure it.
+MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+                 "MALLOC_TOP_PAD_": str(64 << 20)}
+
+
+def _run(argv: Sequence[str], log: Path, malloc_tuning: bool = True) -> Dict:
     """One command in its own process; wall time, and CPU time (user + sys) from the kernel's accounting of it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": "evaluation"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": "evaluation", **(MALLOC_TUNING if malloc_tuning else {})}
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -94,12 +103,12 @@ def _run(argv: Sequence[str], log: Path) -> Dict:
             "log": str(log)}
 
 
-def run(commands: Sequence[Command], root: Path, jobs: int) -> List[Dict]:
+def run(commands: Sequence[Command], root: Path, jobs: int, malloc_tuning: bool = True) -> List[Dict]:
     """The commands ``jobs`` at a time in the given order, then ``paired`` and ``report`` per frontier folder."""
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(commands), desc="quality commands", unit="cmd") as bar:
-        futures = [pool.submit(_run, c.argv(root), logs / f"{i:02d}_{Path(c.folder).name}.log")
+        futures = [pool.submit(_run, c.argv(root), logs / f"{i:02d}_{Path(c.folder).name}.log", malloc_tuning)
                    for i, c in enumerate(commands)]
         records = []
         for f in futures:
@@ -107,8 +116,9 @@ def run(commands: Sequence[Command], root: Path, jobs: int) -> List[Dict]:
             bar.update(1)
     for folder in sorted({c.folder for c in commands if c.module == FRONTIER}):
         out, name = str(root / folder), Path(folder).name
-        records.append(_run(["-m", FRONTIER, "paired", "--out", out, "--bootstrap", "400"], logs / f"paired_{name}.log"))
-        records.append(_run(["-m", FRONTIER, "report", "--out", out], logs / f"report_{name}.log"))
+        records.append(_run(["-m", FRONTIER, "paired", "--out", out, "--bootstrap", "400"], logs / f"paired_{name}.log",
+                            malloc_tuning))
+        records.append(_run(["-m", FRONTIER, "report", "--out", out], logs / f"report_{name}.log", malloc_tuning))
     return records
 
 
@@ -172,6 +182,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--rtol", type=float, default=0.0,
                    help="relative tolerance of --check (default 0: one torch thread on the same torch reproduces "
                         "every number bit for bit; another CPU or torch version may sum in another order)")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave glibc's malloc thresholds at their defaults (slower by about a fifth; same results)")
     p.add_argument("--list", action="store_true", help="print the commands and stop")
     args = p.parse_args(argv)
     if args.jobs < 1:
@@ -194,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print("\n".join("python " + " ".join(shlex.quote(a) for a in c.argv(root)) for c in commands))
         return
     start = time.perf_counter()
-    records = run(commands, root, args.jobs)
+    records = run(commands, root, args.jobs, malloc_tuning=not args.malloc_default)
     (root / "times.md").write_text(times_markdown(records, args.jobs, time.perf_counter() - start))
     (root / "times.json").write_text(json.dumps(records, indent=1))
     failed = [r for r in records if r["returncode"] != 0]
