@@ -50,22 +50,21 @@ def _dit():
     return Case(p, call, 8, 0.9)
 
 
-def _sd3():
-    shape = tiny.SD3Shape()
-    p = tiny.sd3_pipeline(shape)
+def _mmdit(shape, build, guidance: str, threshold: float):
+    """SD3 and Flux differ here only in their shape, builder and guidance argument (Flux's true CFG)."""
+    p = build(shape)
     emb, size = tiny.embeddings(shape), tiny.image_size(p, shape)
-    call = lambda s, seed: p(**emb, **size, num_inference_steps=s, guidance_scale=4.0,  # noqa: E731
+    call = lambda s, seed: p(**emb, **size, num_inference_steps=s, **{guidance: 4.0},  # noqa: E731
                              output_type="latent", generator=torch.Generator().manual_seed(seed)).images
-    return Case(p, call, 8, 0.36)
+    return Case(p, call, 8, threshold)
+
+
+def _sd3():
+    return _mmdit(tiny.SD3Shape(), tiny.sd3_pipeline, "guidance_scale", 0.36)
 
 
 def _flux():
-    shape = tiny.FluxShape()
-    p = tiny.flux_pipeline(shape)
-    emb, size = tiny.embeddings(shape), tiny.image_size(p, shape)
-    call = lambda s, seed: p(**emb, **size, num_inference_steps=s, true_cfg_scale=4.0,  # noqa: E731
-                             output_type="latent", generator=torch.Generator().manual_seed(seed)).images
-    return Case(p, call, 8, 0.35)
+    return _mmdit(tiny.FluxShape(), tiny.flux_pipeline, "true_cfg_scale", 0.35)
 
 
 def _wan22():
