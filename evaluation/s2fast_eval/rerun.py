@@ -66,6 +66,8 @@ COMMANDS: Tuple[Command, ...] = (
     _frontier(900, f"--families s2,slg --family-lams 2.5 --omegas 0.25,0.5 --skip-scales 0.25,0.5 {_PAST} --tag _past25"),
     _frontier(300, f"--families s2,slg,sgg --family-lams 3 --omegas 0.5 --skip-scales 0.5 {_PAST} --tag _past"),
     _frontier(300, f"--families s2,slg,sgg --family-lams 3 --omegas 0.25 --skip-scales 0.25 {_PAST} --tag _past2"),
+    _frontier(300, "--families naive --family-lams 1.5 --omegas 0.5"),
+    _frontier(450, "--families naive --family-lams 1.5 --omegas 0.5"),
     _frontier(900, "--families cfg --lams 1.75,2.25,2.5 --tag _fine"),
     _frontier(900, "--families sgg --family-lams 2,2.5 --skip-scales 0.25,0.5 --tag _past2"),
     _frontier(300, f"--families s2 --family-lams 4 --omegas 0.25,0.5 {_PAST} --tag _past4"),
@@ -78,6 +80,8 @@ COMMANDS: Tuple[Command, ...] = (
     _frontier(300, f"--families s2 --family-lams 1.5 --omegas 0.5 {_PAST}"),
     _frontier(450, f"--families s2 --family-lams 1.5 --omegas 0.5 {_PAST}"),
     _frontier(900, f"--families s2 --family-lams 1.5 --omegas 0.5 {_PAST}"),
+    _frontier(300, "--families s2 --family-lams 1.5 --omegas 0.5 --s2-intervals central80 --tag _central80"),
+    _frontier(450, "--families s2 --family-lams 1.5 --omegas 0.5 --s2-intervals central80 --tag _central80"),
 )
 
 
