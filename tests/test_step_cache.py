@@ -96,6 +96,18 @@ def _blocks(pipe):
     return tuple(r.blocks for r in s2fast.trace_steps(pipe))
 
 
+def _assert_engine_equals_plain_loop(case, config):
+    """The plain loop with its own store (wrapped as the predictor) against the engine, same config: equal
+    outputs within TOL, the same full / cached steps, and at least one step cached (else the test is vacuous)."""
+    reference = CachedReference(config.cache, case.steps)
+    s2fast.wrap(case.pipe, config, _predictor=reference)
+    expected = case()
+    s2fast.wrap(case.pipe, config)
+    got = case()
+    assert _blocks(case.pipe) == tuple(reference.log) and "cached" in reference.log
+    torch.testing.assert_close(got, expected, **TOL)
+
+
 # --- the configs ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
     (dict(threshold=-0.1), "threshold must be >= 0"),
@@ -205,14 +217,8 @@ def test_two_experts_keep_their_own_stores_and_the_switch_step_runs_fully():
 
 def test_sgg_with_a_cache_equals_the_plain_loop(digits):
     cache = BlockCache(threshold=0.4)
-    config = SGGConfig(cfg_window=(0.0, 0.6), skip_window=(0.3, 1.0), skip_blocks=(2,), cache=cache)
-    reference = CachedReference(cache, digits.steps)
-    s2fast.wrap(digits.pipe, config, _predictor=reference)
-    expected = digits()
-    s2fast.wrap(digits.pipe, config)
-    got = digits()
-    assert _blocks(digits.pipe) == tuple(reference.log) and "cached" in reference.log
-    torch.testing.assert_close(got, expected, **TOL)
+    _assert_engine_equals_plain_loop(
+        digits, SGGConfig(cfg_window=(0.0, 0.6), skip_window=(0.3, 1.0), skip_blocks=(2,), cache=cache))
 
 
 def test_a_cfg_config_with_a_cache_runs_through_the_engine(digits):
@@ -357,11 +363,4 @@ def test_context_parallelism_refuses_a_cache_and_records_check_their_values():
 def test_every_lane_layout_equals_the_plain_loop(digits, engine, subnet):
     """Sub-network rows joined to the cond lane, forked at block 0 (their own probe rows), or two of them."""
     cache = BlockCache(threshold=digits.threshold, subnet=subnet)
-    config = S2Config(omega=0.5, seed=1, cache=cache, **engine)
-    reference = CachedReference(cache, digits.steps)
-    s2fast.wrap(digits.pipe, config, _predictor=reference)
-    expected = digits()
-    s2fast.wrap(digits.pipe, config)
-    got = digits()
-    assert _blocks(digits.pipe) == tuple(reference.log) and "cached" in reference.log
-    torch.testing.assert_close(got, expected, **TOL)
+    _assert_engine_equals_plain_loop(digits, S2Config(omega=0.5, seed=1, cache=cache, **engine))
