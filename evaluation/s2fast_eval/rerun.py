@@ -45,8 +45,13 @@ class Command:
         if self.module != FRONTIER:
             return ["-m", self.module, "--out", out, *self.args]
         step = Path(self.folder).name
-        return ["-m", FRONTIER, "run", "--checkpoint", f"benchmarks/quality/digits/checkpoints/{step}", "--out", out,
+        return ["-m", FRONTIER, "run", "--checkpoint", str(COMMITTED / "digits/checkpoints" / step), "--out", out,
                 "--samples", "200", "--seeds", SEEDS, "--steps", "16", *self.args]
+
+
+def _shown(argv: Sequence[str]) -> str:
+    """A command line as a reader would type it (from the repository root, PYTHONPATH=evaluation)."""
+    return "python " + shlex.join(argv)
 
 
 def _frontier(step: int, flags: str) -> Command:
@@ -102,7 +107,7 @@ def _run(argv: Sequence[str], log: Path, malloc_tuning: bool = True) -> Dict:
         proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-    return {"command": "python " + " ".join(shlex.quote(a) for a in argv), "returncode": proc.returncode,
+    return {"command": _shown(argv), "returncode": proc.returncode,
             "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "log": str(log)}
 
@@ -207,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit("--check compares a rerun with benchmarks/quality: give --root another folder")
     commands = [c for c in COMMANDS if not args.only or Path(c.folder).name in args.only]
     if args.list:
-        print("\n".join("python " + " ".join(shlex.quote(a) for a in c.argv(root)) for c in commands))
+        print("\n".join(_shown(c.argv(root)) for c in commands))
         return
     start = time.perf_counter()
     records = run(commands, root, args.jobs, malloc_tuning=not args.malloc_default)

@@ -1,6 +1,6 @@
 """Does the sub-network err the way the full model errs? The paper's premise, measured with exact scores.
 
-    python -m s2fast_eval.quality.toy_alignment --out benchmarks/quality/toys/alignment    (about 6 min on 2 CPU cores)
+    python -m s2fast_eval.quality.toy_alignment --out benchmarks/quality/toys/alignment --mixture 2d    (about 17 min, one thread)
 
 S² subtracts ω (D_s − D_c). It corrects the full model when the sub-network's deviation D_s − D_c points along the
 full model's own error D_c − D_exact, i.e. D_s − D_c ≈ β (D_c − D_exact) with β > 0: then −ω(D_s − D_c) =
